@@ -1,0 +1,316 @@
+//! Identity and Noise keys, the signature domains, fingerprints and safety numbers.
+//!
+//! Owns every signing and verification done with an identity key. It does no I/O and
+//! never serialises a secret; secrets are zeroized on drop and their `Debug` is opaque.
+
+use std::fmt;
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use rand::rngs::OsRng;
+use rand::RngCore;
+use sha2::{Digest, Sha512};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+/// Domain of the identity signature that binds a Noise static key to an identity.
+pub const DOMAIN_NOISE_BINDING: &[u8] = b"sotto/noise-key/v1";
+/// Domain of the hash that a fingerprint is read from.
+pub const DOMAIN_FINGERPRINT: &[u8] = b"sotto/fingerprint/v1";
+
+/// Errors of key parsing and signature checks. Deliberately coarse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyError {
+    #[error("not a valid Ed25519 public key")]
+    BadPublicKey,
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+/// An Ed25519 public identity key: who a user is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct IdentityKey([u8; 32]);
+
+impl IdentityKey {
+    /// Parses 32 bytes, refusing encodings that are not a valid curve point.
+    pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, KeyError> {
+        VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::BadPublicKey)?;
+        Ok(Self(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Verifies `signature` over `domain ‖ message` (strict Ed25519: no malleable
+    /// signatures, no small-order keys).
+    pub fn verify(&self, domain: &[u8], message: &[u8], signature: &[u8; 64]) -> Result<(), KeyError> {
+        let key = VerifyingKey::from_bytes(&self.0).map_err(|_| KeyError::BadPublicKey)?;
+        let sig = ed25519_dalek::Signature::from_bytes(signature);
+        let signed = [domain, message].concat();
+        key.verify_strict(&signed, &sig).map_err(|_| KeyError::BadSignature)
+    }
+
+    /// Constant-time equality, for comparing a presented key with a pinned one.
+    pub fn ct_eq(&self, other: &IdentityKey) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(self)
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdentityKey({})", hex::encode(self.0))
+    }
+}
+
+/// The Ed25519 secret identity key. Zeroized on drop (ed25519-dalek's `zeroize`).
+pub struct IdentitySecret(SigningKey);
+
+impl IdentitySecret {
+    pub fn generate() -> Self {
+        Self(SigningKey::generate(&mut OsRng))
+    }
+
+    /// Rebuilds the key from its 32-byte seed (the identity file holds the seed).
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(seed))
+    }
+
+    pub fn seed(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
+
+    pub fn public(&self) -> IdentityKey {
+        IdentityKey(self.0.verifying_key().to_bytes())
+    }
+
+    /// Signs `domain ‖ message`. Every identity signature in sotto goes through here.
+    pub fn sign(&self, domain: &[u8], message: &[u8]) -> [u8; 64] {
+        let signed = [domain, message].concat();
+        self.0.sign(&signed).to_bytes()
+    }
+}
+
+impl fmt::Debug for IdentitySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdentitySecret(..)")
+    }
+}
+
+/// An X25519 public key used as a Noise static key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct NoiseKey(pub [u8; 32]);
+
+impl NoiseKey {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for NoiseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NoiseKey({})", hex::encode(self.0))
+    }
+}
+
+/// The X25519 Noise static secret. Zeroized on drop.
+pub struct NoiseSecret(Zeroizing<[u8; 32]>);
+
+impl NoiseSecret {
+    pub fn generate() -> Self {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(bytes.as_mut());
+        Self(bytes)
+    }
+
+    pub fn from_bytes(bytes: &[u8; 32]) -> Self {
+        Self(Zeroizing::new(*bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn public(&self) -> NoiseKey {
+        let secret = x25519_dalek::StaticSecret::from(*self.0);
+        NoiseKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
+    }
+}
+
+impl fmt::Debug for NoiseSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NoiseSecret(..)")
+    }
+}
+
+/// A Noise static key together with the identity signature that binds it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
+pub struct NoiseBinding {
+    pub noise_key: NoiseKey,
+    #[serde(with = "crate::wire::bytes64")]
+    pub signature: [u8; 64],
+}
+
+impl NoiseBinding {
+    pub fn sign(identity: &IdentitySecret, noise_key: NoiseKey) -> Self {
+        let signature = identity.sign(DOMAIN_NOISE_BINDING, noise_key.as_bytes());
+        Self { noise_key, signature }
+    }
+
+    pub fn verify(&self, identity: &IdentityKey) -> Result<(), KeyError> {
+        identity.verify(DOMAIN_NOISE_BINDING, self.noise_key.as_bytes(), &self.signature)
+    }
+}
+
+/// Everything secret a profile holds, unlocked from the identity file.
+#[derive(Debug)]
+pub struct Identity {
+    pub secret: IdentitySecret,
+    pub noise: NoiseSecret,
+}
+
+impl Identity {
+    pub fn generate() -> Self {
+        Self { secret: IdentitySecret::generate(), noise: NoiseSecret::generate() }
+    }
+
+    pub fn public(&self) -> IdentityKey {
+        self.secret.public()
+    }
+
+    pub fn binding(&self) -> NoiseBinding {
+        NoiseBinding::sign(&self.secret, self.noise.public())
+    }
+}
+
+/// A human-comparable rendering of a domain-separated hash of an identity key:
+/// 30 decimal digits in six groups of five.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Fingerprint(String);
+
+impl Fingerprint {
+    pub fn of(key: &IdentityKey) -> Self {
+        let mut hash = Sha512::new();
+        hash.update(DOMAIN_FINGERPRINT);
+        hash.update(key.as_bytes());
+        let digest = hash.finalize();
+        Self(digits(&digest[..30]))
+    }
+
+    /// The digits without spaces.
+    pub fn digits(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&group(&self.0))
+    }
+}
+
+/// Renders bytes as decimal digits: each 5-byte chunk, big-endian, modulo 100000.
+fn digits(bytes: &[u8]) -> String {
+    bytes
+        .chunks_exact(5)
+        .map(|c| {
+            let n = c.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+            format!("{:05}", n % 100_000)
+        })
+        .collect()
+}
+
+fn group(digits: &str) -> String {
+    digits.as_bytes().chunks(5).map(|c| String::from_utf8_lossy(c)).collect::<Vec<_>>().join(" ")
+}
+
+/// The safety number of a pair: both fingerprints, the one of the smaller key
+/// (bytewise) first, so both sides compute the same 60 digits.
+pub fn safety_number(a: &IdentityKey, b: &IdentityKey) -> String {
+    let (first, second) = if a.as_bytes() <= b.as_bytes() { (a, b) } else { (b, a) };
+    group(&format!("{}{}", first.fingerprint().digits(), second.fingerprint().digits()))
+}
+
+/// Compares a typed safety number with the computed one, ignoring whitespace.
+pub fn safety_number_matches(typed: &str, a: &IdentityKey, b: &IdentityKey) -> bool {
+    let typed: String = typed.chars().filter(|c| !c.is_whitespace()).collect();
+    let expected: String = safety_number(a, b).chars().filter(|c| !c.is_whitespace()).collect();
+    typed.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(seed: u8) -> IdentitySecret {
+        IdentitySecret::from_seed(&[seed; 32])
+    }
+
+    #[test]
+    fn signature_covers_domain_and_message() {
+        let id = identity(1);
+        let sig = id.sign(b"sotto/test/v1", b"hello");
+        assert_eq!(id.public().verify(b"sotto/test/v1", b"hello", &sig), Ok(()));
+        assert_eq!(id.public().verify(b"sotto/test/v2", b"hello", &sig), Err(KeyError::BadSignature));
+        assert_eq!(id.public().verify(b"sotto/test/v1", b"hellO", &sig), Err(KeyError::BadSignature));
+        assert_eq!(identity(2).public().verify(b"sotto/test/v1", b"hello", &sig), Err(KeyError::BadSignature));
+    }
+
+    #[test]
+    fn noise_binding_verifies_only_for_its_identity() {
+        let id = Identity { secret: identity(3), noise: NoiseSecret::from_bytes(&[4; 32]) };
+        let binding = id.binding();
+        assert!(binding.verify(&id.public()).is_ok());
+        assert!(binding.verify(&identity(5).public()).is_err());
+        let mut swapped = binding;
+        swapped.noise_key = NoiseSecret::from_bytes(&[6; 32]).public();
+        assert!(swapped.verify(&id.public()).is_err());
+    }
+
+    #[test]
+    fn fingerprint_is_thirty_digits_in_groups() {
+        let fp = identity(7).public().fingerprint();
+        assert_eq!(fp.digits().len(), 30);
+        assert!(fp.digits().bytes().all(|b| b.is_ascii_digit()));
+        assert_eq!(fp.to_string().split(' ').count(), 6);
+        assert_ne!(fp, identity(8).public().fingerprint());
+    }
+
+    #[test]
+    fn safety_number_is_symmetric() {
+        let (a, b) = (identity(9).public(), identity(10).public());
+        assert_eq!(safety_number(&a, &b), safety_number(&b, &a));
+        assert!(safety_number_matches(&safety_number(&a, &b).replace(' ', ""), &b, &a));
+        assert!(!safety_number_matches("12345", &a, &b));
+        let c = identity(11).public();
+        assert!(!safety_number_matches(&safety_number(&a, &c), &a, &b));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let id = Identity::generate();
+        let shown = format!("{id:?}");
+        assert!(!shown.contains(&hex::encode(*id.secret.seed())));
+        assert!(shown.contains("IdentitySecret(..)") && shown.contains("NoiseSecret(..)"));
+    }
+
+    #[test]
+    fn invalid_public_key_is_refused() {
+        // y = 2 does not decompress to a curve point.
+        let mut bytes = [0u8; 32];
+        bytes[0] = 2;
+        assert_eq!(IdentityKey::from_bytes(bytes), Err(KeyError::BadPublicKey));
+    }
+}
