@@ -1,0 +1,140 @@
+//! Command-line interface: parse, resolve the profile, dispatch. The work is done by
+//! the library; these modules read secrets, print results and pick exit codes.
+
+mod commands;
+mod demo;
+pub mod exit;
+mod secrets;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "sotto", version, about = "End-to-end encrypted messenger: direct QUIC between peers, Noise inside.")]
+pub struct Args {
+    /// Profile directory (default: the XDG data dir, e.g. ~/.local/share/sotto).
+    #[arg(long, global = true, env = "SOTTO_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// Read the identity passphrase from the first line of FILE instead of prompting.
+    #[arg(long, global = true, env = "SOTTO_PASSPHRASE_FILE", value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create or show this profile's identity.
+    #[command(subcommand)]
+    Id(IdCommand),
+    /// Run a rendezvous node; prints its server address, serves until Ctrl-C.
+    Rendezvous {
+        /// UDP address to listen on (port 0 picks a free one).
+        #[arg(long, default_value = "0.0.0.0:7070")]
+        listen: SocketAddr,
+        /// Directory for the node's certificate, key and accounts.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Host name or IP to put in the printed server address.
+        #[arg(long, value_name = "HOST")]
+        public_host: Option<String>,
+    },
+    /// Create an account on a rendezvous node for this identity.
+    Register(AccountArgs),
+    /// Sign in to an existing account from this profile (binds this identity to it).
+    Login(AccountArgs),
+    /// Stay online: publish signed presence, renew it, withdraw on Ctrl-C.
+    Up {
+        /// Presence record lifetime in seconds (the node caps it).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(10..=3600))]
+        ttl: u64,
+    },
+    /// List the users online now.
+    Online {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a user's keys and current presence, verified on this side.
+    Lookup {
+        user: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the whole flow on this machine in a temporary directory.
+    Demo,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IdCommand {
+    /// Make a new identity (Ed25519) and Noise key (X25519), encrypted with a passphrase.
+    New,
+    /// Print the fingerprint and public keys (no passphrase needed).
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AccountArgs {
+    /// Username: 3-32 characters of a-z, 0-9, '_' and '-'.
+    pub user: String,
+    /// The node's server address, as it printed it: sotto://HOST:PORT#sha256:HEX
+    #[arg(long, value_name = "ADDRESS")]
+    pub server: String,
+    /// Read the account password from the first line of FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "password_stdin")]
+    pub password_file: Option<PathBuf>,
+    /// Read the account password from the first line of standard input.
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+pub fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SOTTO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("sotto={level},warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn home(args: &Args) -> Result<PathBuf> {
+    if let Some(h) = &args.home {
+        return Ok(h.clone());
+    }
+    directories::ProjectDirs::from("", "", "sotto").map(|d| d.data_dir().to_path_buf()).context("cannot find a home directory: pass --home DIR or set SOTTO_HOME")
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let ctx = commands::Context { home: home(&args)?, passphrase_file: args.passphrase_file.clone() };
+    match args.command {
+        Command::Id(IdCommand::New) => commands::id_new(&ctx),
+        Command::Id(IdCommand::Show { json }) => commands::id_show(&ctx, json),
+        Command::Rendezvous { listen, data, public_host } => commands::rendezvous(listen, data, public_host).await,
+        Command::Register(a) => commands::account(&ctx, a, commands::AccountAction::Register).await,
+        Command::Login(a) => commands::account(&ctx, a, commands::AccountAction::Login).await,
+        Command::Up { ttl } => commands::up(&ctx, ttl).await,
+        Command::Online { json } => commands::online(&ctx, json).await,
+        Command::Lookup { user, json } => commands::lookup(&ctx, &user, json).await,
+        Command::Demo => demo::run().await,
+    }
+}

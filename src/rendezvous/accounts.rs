@@ -1,0 +1,231 @@
+//! Accounts on the rendezvous node: sled storage and password hashing.
+//!
+//! Passwords are stored as argon2id PHC strings. Hashing runs on tokio's blocking
+//! threads, but never more than `workers` at once and with at most `max_queued`
+//! waiting, so a registration flood gets `Busy` instead of starving lookups.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use rand::rngs::OsRng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use crate::keys::{IdentityKey, NoiseBinding};
+use crate::username::Username;
+
+pub const ACCOUNT_VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("account database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("account record for {0} is damaged")]
+    Corrupt(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub version: u8,
+    pub password_phc: String,
+    pub identity_key: IdentityKey,
+    pub noise: NoiseBinding,
+    pub created_at: u64,
+    pub key_set_at: u64,
+}
+
+/// The account table, keyed by username.
+#[derive(Clone)]
+pub struct Accounts {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Accounts {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::open(dir)?;
+        let tree = db.open_tree("accounts/v1")?;
+        Ok(Self { db, tree })
+    }
+
+    pub fn get(&self, user: &Username) -> Result<Option<Account>, StoreError> {
+        let Some(bytes) = self.tree.get(user.as_str())? else { return Ok(None) };
+        postcard::from_bytes(&bytes).map(Some).map_err(|_| StoreError::Corrupt(user.to_string()))
+    }
+
+    /// Creates the account; `false` if the name is taken. Durable when it returns.
+    pub async fn create(&self, user: &Username, account: &Account) -> Result<bool, StoreError> {
+        let bytes = postcard::to_stdvec(account).expect("postcard encodes into a Vec");
+        let created = self.tree.compare_and_swap(user.as_str(), None as Option<&[u8]>, Some(bytes))?.is_ok();
+        if created {
+            self.db.flush_async().await?;
+        }
+        Ok(created)
+    }
+
+    /// Replaces `old` with `new`; `false` if the account changed meanwhile.
+    pub async fn replace(&self, user: &Username, old: &Account, new: &Account) -> Result<bool, StoreError> {
+        let old = postcard::to_stdvec(old).expect("postcard encodes into a Vec");
+        let new = postcard::to_stdvec(new).expect("postcard encodes into a Vec");
+        let swapped = self.tree.compare_and_swap(user.as_str(), Some(old), Some(new))?.is_ok();
+        if swapped {
+            self.db.flush_async().await?;
+        }
+        Ok(swapped)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HashError {
+    #[error("password hashing queue is full")]
+    Busy,
+    #[error("password hashing failed")]
+    Failed,
+}
+
+/// Argon2id cost for stored passwords.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PasswordCost {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl PasswordCost {
+    /// OWASP's argon2id recommendation: 19 MiB, 2 iterations, 1 lane.
+    pub const OWASP: PasswordCost = PasswordCost { memory_kib: 19_456, iterations: 2, parallelism: 1 };
+
+    fn argon2(&self) -> Argon2<'static> {
+        // The constants above and any caller's values are checked by Params::new.
+        let params = Params::new(self.memory_kib, self.iterations, self.parallelism, None).unwrap_or_default();
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+    }
+}
+
+/// Hashes and verifies passwords on a bounded pool.
+pub struct PasswordHasher {
+    cost: PasswordCost,
+    permits: Arc<Semaphore>,
+    queued: AtomicUsize,
+    max_queued: usize,
+    /// A hash of a random password, verified against when the user does not exist so
+    /// that "unknown user" takes as long as "wrong password".
+    dummy_phc: String,
+}
+
+impl PasswordHasher {
+    pub fn new(cost: PasswordCost, workers: usize, max_queued: usize) -> Self {
+        let random: [u8; 16] = rand::random();
+        let salt = SaltString::generate(&mut OsRng);
+        let dummy_phc = cost.argon2().hash_password(&random, &salt).map(|h| h.to_string()).unwrap_or_default();
+        Self { cost, permits: Arc::new(Semaphore::new(workers.max(1))), queued: AtomicUsize::new(0), max_queued, dummy_phc }
+    }
+
+    async fn run<T: Send + 'static>(&self, job: impl FnOnce(Argon2<'static>) -> T + Send + 'static) -> Result<T, HashError> {
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(HashError::Busy);
+        }
+        let result = async {
+            let _permit = self.permits.acquire().await.map_err(|_| HashError::Failed)?;
+            let argon2 = self.cost.argon2();
+            tokio::task::spawn_blocking(move || job(argon2)).await.map_err(|_| HashError::Failed)
+        }
+        .await;
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    pub async fn hash(&self, password: Zeroizing<String>) -> Result<String, HashError> {
+        self.run(move |argon2| {
+            let salt = SaltString::generate(&mut OsRng);
+            argon2.hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|_| HashError::Failed)
+        })
+        .await?
+    }
+
+    /// Verifies `password` against `phc`, or against a dummy hash when `phc` is `None`
+    /// (and then answers `false`), so both cases cost the same.
+    pub async fn verify(&self, password: Zeroizing<String>, phc: Option<String>) -> Result<bool, HashError> {
+        let real = phc.is_some();
+        let phc = phc.unwrap_or_else(|| self.dummy_phc.clone());
+        let matched = self
+            .run(move |argon2| PasswordHash::new(&phc).map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok()).unwrap_or(false))
+            .await?;
+        Ok(real && matched)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHEAP: PasswordCost = PasswordCost { memory_kib: 64, iterations: 1, parallelism: 1 };
+
+    #[tokio::test]
+    async fn hash_verify_and_dummy() {
+        let h = PasswordHasher::new(CHEAP, 1, 4);
+        let phc = h.hash(Zeroizing::new("hunter22".into())).await.unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=64,t=1,p=1$"));
+        assert!(h.verify(Zeroizing::new("hunter22".into()), Some(phc.clone())).await.unwrap());
+        assert!(!h.verify(Zeroizing::new("hunter23".into()), Some(phc)).await.unwrap());
+        assert!(!h.verify(Zeroizing::new("anything".into()), None).await.unwrap());
+    }
+
+    #[test]
+    fn default_cost_is_owasp() {
+        let salt = SaltString::generate(&mut OsRng);
+        let phc = PasswordCost::OWASP.argon2().hash_password(b"x", &salt).unwrap().to_string();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+    }
+
+    #[tokio::test]
+    async fn queue_is_bounded() {
+        let h = Arc::new(PasswordHasher::new(PasswordCost { memory_kib: 8192, iterations: 4, parallelism: 1 }, 1, 2));
+        let jobs: Vec<_> = (0..8).map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move { h.hash(Zeroizing::new("password".into())).await })
+        }).collect();
+        let mut busy = 0;
+        for j in jobs {
+            if j.await.unwrap() == Err(HashError::Busy) {
+                busy += 1;
+            }
+        }
+        assert!(busy >= 1, "some of 8 simultaneous jobs must be refused with a queue of 2");
+    }
+
+    #[tokio::test]
+    async fn create_is_first_come_and_replace_is_compare_and_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let accounts = Accounts::open(dir.path()).unwrap();
+        let id = crate::presence::tests::identity(1);
+        let alice = Username::parse("alice").unwrap();
+        let account = Account { version: ACCOUNT_VERSION, password_phc: "x".into(), identity_key: id.public(), noise: id.binding(), created_at: 1, key_set_at: 1 };
+        assert!(accounts.create(&alice, &account).await.unwrap());
+        assert!(!accounts.create(&alice, &account).await.unwrap());
+        let other = crate::presence::tests::identity(2);
+        let rebound = Account { identity_key: other.public(), noise: other.binding(), ..account.clone() };
+        assert!(accounts.replace(&alice, &account, &rebound).await.unwrap());
+        assert!(!accounts.replace(&alice, &account, &rebound).await.unwrap());
+        assert_eq!(accounts.get(&alice).unwrap(), Some(rebound));
+    }
+}

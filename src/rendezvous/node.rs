@@ -1,0 +1,382 @@
+//! The rendezvous node's QUIC driver: accepts connections, reads one request per
+//! stream, applies the account and presence rules, and answers.
+//!
+//! Rules live in [`super::directory`], [`super::limit`], [`super::auth`] and
+//! [`crate::presence`]; this module owns sockets, tasks, timeouts and the clock.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::RngCore;
+use tracing::{debug, info, warn};
+use zeroize::Zeroizing;
+
+use super::accounts::{Account, Accounts, HashError, PasswordCost, PasswordHasher, StoreError, ACCOUNT_VERSION};
+use super::auth::{self, Binding, Purpose};
+use super::directory::{ConnId, Directory};
+use super::limit::LoginLimits;
+use super::proto::{AccountInfo, Credentials, Refusal, Request, Response, ALPN, MAX_FRAME, MAX_ONLINE_LIST, MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS};
+use crate::address::ServerAddress;
+use crate::clock::unix_now;
+use crate::keys::IdentityKey;
+use crate::presence::{Freshness, PresenceError};
+use crate::tls::{self, CertKey};
+use crate::username::Username;
+use crate::wire::{decode_message, decode_single_frame, encode_frame, encode_message, HEADER_LEN};
+
+/// Time a client has to send a whole request on a stream.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a QUIC handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent request streams per connection.
+const MAX_STREAMS: u32 = 16;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("cannot use data directory {}", path.display())]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on {addr}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// How to run a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Host printed in the server address; defaults to the listen IP (127.0.0.1 when
+    /// listening on all interfaces).
+    pub public_host: Option<String>,
+    pub freshness: Freshness,
+    pub password_cost: PasswordCost,
+    /// Argon2 jobs run at once.
+    pub hash_workers: usize,
+    /// Argon2 jobs allowed to wait; more get `Busy`.
+    pub hash_queue: usize,
+}
+
+impl NodeConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Self {
+            listen,
+            data_dir,
+            public_host: None,
+            freshness: Freshness::DEFAULT,
+            password_cost: PasswordCost::OWASP,
+            hash_workers: cores.saturating_sub(1).max(1),
+            hash_queue: 64,
+        }
+    }
+}
+
+struct Shared {
+    accounts: Accounts,
+    hasher: PasswordHasher,
+    directory: Mutex<Directory>,
+    limits: Mutex<LoginLimits>,
+    next_conn: AtomicU64,
+}
+
+/// A bound, ready node.
+pub struct Node {
+    endpoint: quinn::Endpoint,
+    address: ServerAddress,
+    shared: Arc<Shared>,
+}
+
+impl Node {
+    /// Opens the data directory (certificate, key, accounts) and binds the socket.
+    pub fn bind(config: NodeConfig) -> Result<Node, NodeError> {
+        let data_err = |source| NodeError::DataDir { path: config.data_dir.clone(), source };
+        std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
+        let cert = CertKey::load_or_create(&config.data_dir, "sotto-rendezvous").map_err(data_err)?;
+        let accounts = Accounts::open(&config.data_dir.join("accounts"))?;
+        let server = tls::server_config(&cert, ALPN, MAX_STREAMS)?;
+        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| NodeError::Listen { addr: config.listen, source })?;
+        let local = endpoint.local_addr().map_err(|source| NodeError::Listen { addr: config.listen, source })?;
+        let host = config.public_host.clone().unwrap_or_else(|| {
+            if local.ip().is_unspecified() { IpAddr::from([127, 0, 0, 1]).to_string() } else { local.ip().to_string() }
+        });
+        let address = ServerAddress { host, port: local.port(), cert_sha256: cert.sha256() };
+        let shared = Arc::new(Shared {
+            accounts,
+            hasher: PasswordHasher::new(config.password_cost, config.hash_workers, config.hash_queue),
+            directory: Mutex::new(Directory::new(config.freshness)),
+            limits: Mutex::new(LoginLimits::new(LoginLimits::ACCOUNT, LoginLimits::ADDRESS, 100_000)),
+            next_conn: AtomicU64::new(1),
+        });
+        info!(accounts = shared.accounts.len(), %local, "rendezvous node ready");
+        Ok(Node { endpoint, address, shared })
+    }
+
+    pub fn address(&self) -> &ServerAddress {
+        &self.address
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection and flushes.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+        tokio::pin!(shutdown);
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    tokio::spawn(serve_connection(self.shared.clone(), incoming));
+                }
+                _ = sweep.tick() => {
+                    let gone = lock(&self.shared.directory).expire(unix_now());
+                    if gone > 0 {
+                        debug!(gone, "expired presence records");
+                    }
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        info!("rendezvous node shutting down");
+        self.endpoint.close(0u32.into(), b"node shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.shared.accounts.flush().await?;
+        Ok(())
+    }
+}
+
+/// Locks a mutex, recovering the data if a task panicked while holding it: every
+/// critical section here leaves the tables consistent at each step.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the node knows about one client connection.
+struct Conn {
+    id: ConnId,
+    remote: SocketAddr,
+    binding: Binding,
+    state: Mutex<ConnState>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    hello: bool,
+    user: Option<Username>,
+}
+
+async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return debug!(%remote, error = %e, "handshake failed"),
+        Err(_) => return debug!(%remote, "handshake timed out"),
+    };
+    if tls::negotiated_alpn(&connection).as_deref() != Some(ALPN) {
+        connection.close(1u32.into(), b"wrong ALPN");
+        return;
+    }
+    let Some(channel) = tls::channel_binding(&connection, auth::EXPORTER_LABEL) else {
+        connection.close(1u32.into(), b"no channel binding");
+        return;
+    };
+    let mut challenge = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut challenge);
+    let conn = Arc::new(Conn {
+        id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
+        remote,
+        binding: Binding { challenge, channel },
+        state: Mutex::new(ConnState::default()),
+    });
+    debug!(conn = conn.id, %remote, "connection open");
+    loop {
+        match connection.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(serve_stream(shared.clone(), conn.clone(), send, recv));
+            }
+            Err(e) => {
+                debug!(conn = conn.id, %remote, reason = %e, "connection closed");
+                break;
+            }
+        }
+    }
+    lock(&shared.directory).connection_closed(conn.id);
+}
+
+async fn serve_stream(shared: Arc<Shared>, conn: Arc<Conn>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, recv.read_to_end(HEADER_LEN + MAX_FRAME)).await {
+        Ok(Ok(bytes)) => match decode_single_frame(&bytes, MAX_FRAME).and_then(decode_message::<Request>) {
+            Ok(request) => handle(&shared, &conn, request).await,
+            Err(e) => {
+                debug!(conn = conn.id, error = %e, "malformed request");
+                Response::Refused(Refusal::Malformed)
+            }
+        },
+        Ok(Err(e)) => {
+            debug!(conn = conn.id, error = %e, "request not read");
+            Response::Refused(Refusal::Malformed)
+        }
+        Err(_) => {
+            debug!(conn = conn.id, "request timed out");
+            let _ = send.reset(1u32.into());
+            return;
+        }
+    };
+    let frame = encode_frame(&encode_message(&response));
+    if send.write_all(&frame).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn handle(shared: &Shared, conn: &Conn, request: Request) -> Response {
+    let result = match request {
+        Request::Hello => Ok(hello(shared, conn)),
+        _ if !lock(&conn.state).hello => Err(Refusal::NeedHello),
+        Request::Register(c) => register(shared, conn, c).await,
+        Request::Login(c) => login(shared, conn, c).await,
+        Request::Authenticate { username, identity_key, proof } => authenticate(shared, conn, username, identity_key, proof),
+        Request::Publish(signed) => signed_in(conn).and_then(|user| publish(shared, conn, &user, signed)),
+        Request::Withdraw => signed_in(conn).map(|user| {
+            lock(&shared.directory).withdraw(&user, conn.id);
+            Response::Withdrawn
+        }),
+        Request::Lookup { username } => signed_in(conn).and_then(|_| lookup(shared, &username)),
+        Request::ListOnline => signed_in(conn).map(|_| {
+            let (usernames, truncated) = lock(&shared.directory).online(unix_now(), MAX_ONLINE_LIST);
+            Response::Online { usernames, truncated }
+        }),
+        Request::Unknown => Err(Refusal::UnknownRequest),
+    };
+    result.unwrap_or_else(Response::Refused)
+}
+
+fn hello(shared: &Shared, conn: &Conn) -> Response {
+    lock(&conn.state).hello = true;
+    let f = lock(&shared.directory).freshness();
+    Response::Challenge { challenge: conn.binding.challenge, server_time: unix_now(), max_ttl: f.max_ttl, max_skew: f.max_skew }
+}
+
+fn signed_in(conn: &Conn) -> Result<Username, Refusal> {
+    lock(&conn.state).user.clone().ok_or(Refusal::NotAuthenticated)
+}
+
+fn store_failed(e: StoreError) -> Refusal {
+    warn!(error = %e, "account store failed");
+    Refusal::Internal
+}
+
+fn hash_failed(e: HashError) -> Refusal {
+    match e {
+        HashError::Busy => Refusal::Busy,
+        HashError::Failed => Refusal::Internal,
+    }
+}
+
+fn password_ok(password: &str) -> bool {
+    password.len() <= MAX_PASSWORD_BYTES && password.chars().count() >= MIN_PASSWORD_CHARS
+}
+
+/// Checks that the request's keys belong together and that the client holds them.
+fn check_keys(conn: &Conn, c: &Credentials, purpose: Purpose) -> Result<(), Refusal> {
+    c.noise.verify(&c.identity_key).map_err(|_| Refusal::BadProof)?;
+    auth::check(&c.identity_key, &c.proof, purpose, &conn.binding, &c.username).map_err(|_| Refusal::BadProof)
+}
+
+async fn register(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Response, Refusal> {
+    let password = Zeroizing::new(c.password.clone());
+    if !password_ok(&password) {
+        return Err(Refusal::WeakPassword);
+    }
+    check_keys(conn, &c, Purpose::Register)?;
+    if shared.accounts.get(&c.username).map_err(store_failed)?.is_some() {
+        return Err(Refusal::UsernameTaken);
+    }
+    let phc = shared.hasher.hash(password).await.map_err(hash_failed)?;
+    let now = unix_now();
+    let account = Account { version: ACCOUNT_VERSION, password_phc: phc, identity_key: c.identity_key, noise: c.noise, created_at: now, key_set_at: now };
+    if !shared.accounts.create(&c.username, &account).await.map_err(store_failed)? {
+        return Err(Refusal::UsernameTaken);
+    }
+    info!(user = %c.username, remote = %conn.remote, "registered");
+    lock(&shared.limits).succeeded(&c.username, conn.remote.ip(), now);
+    lock(&conn.state).user = Some(c.username);
+    Ok(Response::Registered)
+}
+
+async fn login(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Response, Refusal> {
+    let ip = conn.remote.ip();
+    if let Err(retry_after_secs) = lock(&shared.limits).check(&c.username, ip, unix_now()) {
+        info!(user = %c.username, remote = %conn.remote, "login rate limited");
+        return Err(Refusal::RateLimited { retry_after_secs });
+    }
+    check_keys(conn, &c, Purpose::Login)?;
+    let password = Zeroizing::new(c.password.clone());
+    let account = shared.accounts.get(&c.username).map_err(store_failed)?;
+    let ok = password.len() <= MAX_PASSWORD_BYTES && shared.hasher.verify(password, account.as_ref().map(|a| a.password_phc.clone())).await.map_err(hash_failed)?;
+    let now = unix_now();
+    let Some(account) = account.filter(|_| ok) else {
+        info!(user = %c.username, remote = %conn.remote, "login failed");
+        lock(&shared.limits).failed(&c.username, ip, now);
+        return Err(Refusal::InvalidCredentials);
+    };
+    let key_changed = !account.identity_key.ct_eq(&c.identity_key);
+    if key_changed || account.noise != c.noise {
+        let rebound = Account { identity_key: c.identity_key, noise: c.noise, key_set_at: now, ..account.clone() };
+        if !shared.accounts.replace(&c.username, &account, &rebound).await.map_err(store_failed)? {
+            return Err(Refusal::Busy);
+        }
+        lock(&shared.directory).forget(&c.username);
+    }
+    info!(user = %c.username, remote = %conn.remote, key_changed, "logged in");
+    lock(&shared.limits).succeeded(&c.username, ip, now);
+    lock(&conn.state).user = Some(c.username);
+    Ok(Response::LoggedIn { key_changed })
+}
+
+fn authenticate(shared: &Shared, conn: &Conn, username: Username, key: IdentityKey, proof: [u8; 64]) -> Result<Response, Refusal> {
+    auth::check(&key, &proof, Purpose::Authenticate, &conn.binding, &username).map_err(|_| Refusal::BadProof)?;
+    let Some(account) = shared.accounts.get(&username).map_err(store_failed)? else {
+        return Err(Refusal::InvalidCredentials);
+    };
+    if !account.identity_key.ct_eq(&key) {
+        info!(user = %username, remote = %conn.remote, "authentication with a replaced key");
+        return Err(Refusal::KeyChanged);
+    }
+    debug!(user = %username, remote = %conn.remote, "authenticated");
+    lock(&shared.limits).succeeded(&username, conn.remote.ip(), unix_now());
+    lock(&conn.state).user = Some(username);
+    Ok(Response::Authenticated)
+}
+
+fn publish(shared: &Shared, conn: &Conn, user: &Username, signed: crate::presence::SignedPresence) -> Result<Response, Refusal> {
+    // Read the account each time: a login elsewhere may have replaced the key.
+    let account = shared.accounts.get(user).map_err(store_failed)?.ok_or(Refusal::NotAuthenticated)?;
+    let result = lock(&shared.directory).publish(user, &account.identity_key, signed, conn.id, unix_now());
+    match result {
+        Ok(()) => Ok(Response::Published { observed: conn.remote }),
+        Err(e) => {
+            info!(user = %user, remote = %conn.remote, reason = %e, "presence refused");
+            Err(match e {
+                PresenceError::StaleSeq => Refusal::StaleRecord,
+                PresenceError::FromTheFuture | PresenceError::TooOld => Refusal::ClockSkew,
+                PresenceError::Expired => Refusal::RecordExpired,
+                PresenceError::TtlTooLong => Refusal::TtlTooLong,
+                _ => Refusal::BadRecord,
+            })
+        }
+    }
+}
+
+fn lookup(shared: &Shared, username: &Username) -> Result<Response, Refusal> {
+    let account = shared.accounts.get(username).map_err(store_failed)?.ok_or(Refusal::NotFound)?;
+    let presence = lock(&shared.directory).current(username, unix_now()).cloned();
+    Ok(Response::Account(AccountInfo { username: username.clone(), identity_key: account.identity_key, noise: account.noise, presence }))
+}

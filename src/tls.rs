@@ -1,0 +1,183 @@
+//! QUIC/TLS set-up: self-signed certificates (rcgen), the pinned-certificate verifier,
+//! and the quinn endpoint configurations. rustls runs with the ring provider only.
+//!
+//! Nothing here trusts a certificate authority: a client accepts exactly the
+//! certificate whose SHA-256 it was given, and still checks the TLS 1.3 handshake
+//! signature made with that certificate's key.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Idle timeout of every sotto QUIC connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Keep-alive interval clients use so an idle but live connection never times out.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// A certificate and its private key (PKCS#8 DER).
+pub struct CertKey {
+    pub cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl std::fmt::Debug for CertKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CertKey(sha256:{})", hex::encode(self.sha256()))
+    }
+}
+
+impl CertKey {
+    /// Makes a fresh self-signed certificate for `name` (the name is informative only).
+    pub fn generate(name: &str) -> Result<Self, rcgen::Error> {
+        let certified = rcgen::generate_simple_self_signed(vec![name.to_string()])?;
+        Ok(Self {
+            cert: certified.cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()),
+        })
+    }
+
+    /// Loads `cert.der` and `key.der` from `dir`, or makes and saves them (key mode 0600).
+    pub fn load_or_create(dir: &Path, name: &str) -> io::Result<Self> {
+        let (cert_path, key_path) = (dir.join("cert.der"), dir.join("key.der"));
+        if key_path.exists() {
+            let cert = fs::read(&cert_path)?;
+            let key = fs::read(&key_path)?;
+            return Ok(Self { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) });
+        }
+        let fresh = Self::generate(name).map_err(io::Error::other)?;
+        write_new(&key_path, fresh.key.secret_pkcs8_der(), 0o600)?;
+        write_new(&cert_path, fresh.cert.as_ref(), 0o644)?;
+        Ok(fresh)
+    }
+
+    pub fn sha256(&self) -> [u8; 32] {
+        cert_sha256(&self.cert)
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+}
+
+/// Writes a new file with `mode`, flushed to disk; refuses to replace an existing one.
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+pub fn cert_sha256(cert: &[u8]) -> [u8; 32] {
+    Sha256::digest(cert).into()
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport(server: bool, max_bidi: u32) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // The timeout is always below 2^62 µs, so the conversion cannot fail.
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout in range")));
+    t.max_concurrent_bidi_streams(max_bidi.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    if !server {
+        t.keep_alive_interval(Some(KEEP_ALIVE));
+    }
+    Arc::new(t)
+}
+
+/// Server configuration for `alpn`, serving `cert`, with at most `max_bidi`
+/// concurrent streams per connection.
+pub fn server_config(cert: &CertKey, alpn: &[u8], max_bidi: u32) -> Result<quinn::ServerConfig, rustls::Error> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.clone()], cert.key())?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport(true, max_bidi));
+    Ok(config)
+}
+
+/// Set when a server presented a certificate other than the pinned one.
+pub type PinMismatch = Arc<AtomicBool>;
+
+/// Client configuration that accepts only the certificate whose SHA-256 is `pin`.
+pub fn client_config(pin: [u8; 32], alpn: &[u8]) -> Result<(quinn::ClientConfig, PinMismatch), rustls::Error> {
+    let provider = provider();
+    let mismatch = PinMismatch::default();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert { pin, provider, mismatch: mismatch.clone() }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport(false, 16));
+    Ok((config, mismatch))
+}
+
+/// Accepts exactly one certificate, identified by its SHA-256.
+#[derive(Debug)]
+struct PinnedCert {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+    mismatch: PinMismatch,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if bool::from(cert_sha256(end_entity).ct_eq(&self.pin)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            self.mismatch.store(true, Ordering::SeqCst);
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Derives 32 bytes bound to this TLS session (RFC 5705/8446 exporter), identical on
+/// both ends of one connection and different on every other.
+pub fn channel_binding(conn: &quinn::Connection, label: &[u8]) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, label, b"").ok()?;
+    Some(out)
+}
+
+/// The ALPN protocol the connection agreed on, if any.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
