@@ -27,7 +27,7 @@ pub enum ProfileError {
     Io { path: PathBuf, source: io::Error },
     #[error("{}", path.display())]
     IdFile { path: PathBuf, source: IdFileError },
-    #[error("{} is damaged: {1}", .0.display())]
+    #[error("{} is damaged: {}", .0.display(), .1)]
     BadConfig(PathBuf, String),
     #[error("this profile has no account yet: run `sotto register USER --server ADDRESS` or `sotto login USER --server ADDRESS`")]
     NoAccount,
