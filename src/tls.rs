@@ -49,6 +49,7 @@ impl CertKey {
 
     /// Loads `cert.der` and `key.der` from `dir`, or makes and saves them (key mode 0600).
     pub fn load_or_create(dir: &Path, name: &str) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
         let (cert_path, key_path) = (dir.join("cert.der"), dir.join("key.der"));
         if key_path.exists() {
             let cert = fs::read(&cert_path)?;

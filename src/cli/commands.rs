@@ -169,8 +169,7 @@ fn explain_register(e: sotto::rendezvous::client::ClientError) -> anyhow::Error 
 /// The profile's peer certificate (made on first use).
 fn peer_cert(profile: &Profile) -> Result<CertKey> {
     let dir = profile.home().join("peer");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(CertKey::load_or_create(&dir, "sotto-peer")?)
+    CertKey::load_or_create(&dir, "sotto-peer").with_context(|| format!("cannot load or create the peer certificate in {}", dir.display()))
 }
 
 pub async fn up(ctx: &Context, ttl: u64) -> Result<()> {
@@ -184,14 +183,19 @@ pub async fn up(ctx: &Context, ttl: u64) -> Result<()> {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
+    // A closed stdout (`sotto up | head -1`) must not stop the node: ignore write errors.
+    let say = |line: String| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+    };
     online::stay_online(&identity, &presence, stopped, |event| match event {
         Event::Online { observed, expires_in } => {
-            println!("{username} is online at {server}");
-            println!("the node sees this machine as {observed}; presence renews every {} s. Ctrl-C to go offline.", expires_in / 3);
+            say(format!("{username} is online at {server}"));
+            say(format!("the node sees this machine as {observed}; presence renews every {} s. Ctrl-C to go offline.", expires_in / 3));
         }
         Event::Republished { .. } => {}
         Event::Lost { reason, retry_in } => eprintln!("{reason}; retrying in {:.1} s", retry_in.as_secs_f32()),
-        Event::Withdrawn => println!("{username} is offline"),
+        Event::Withdrawn => say(format!("{username} is offline")),
     })
     .await?;
     Ok(())

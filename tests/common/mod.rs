@@ -1,0 +1,159 @@
+//! Helpers for tests that drive the `sotto` binary as a user would.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sotto");
+
+/// A `sotto` command with no environment leaking in from the machine.
+pub fn sotto(home: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("SOTTO_HOME").env_remove("SOTTO_PASSPHRASE_FILE").env_remove("SOTTO_LOG").env("NO_COLOR", "1");
+    cmd.arg("--home").arg(home).stdin(Stdio::null());
+    cmd
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("sotto runs")
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Sends SIGTERM or SIGINT to a child.
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().expect("kill runs").success();
+    assert!(ok, "kill -{sig} failed");
+}
+
+/// Waits for a child to exit, killing it after `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A rendezvous node process; stopped with SIGTERM when dropped.
+pub struct NodeProcess {
+    pub child: Child,
+    pub address: String,
+    pub data: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn start(data: &Path) -> NodeProcess {
+        let mut child = Command::new(BIN)
+            .env_remove("SOTTO_LOG")
+            .args(["rendezvous", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("node starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("node prints its address");
+        let address = line.trim().to_string();
+        assert!(address.starts_with("sotto://127.0.0.1:") && address.contains("#sha256:"), "address line: {address:?}");
+        NodeProcess { child, address, data: data.to_path_buf() }
+    }
+
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        signal(&self.child, "TERM");
+        wait_exit(&mut self.child, Duration::from_secs(10))
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A profile directory with its passphrase and password files.
+pub struct User {
+    pub name: String,
+    pub home: PathBuf,
+    pub passphrase: PathBuf,
+    pub password: PathBuf,
+}
+
+impl User {
+    pub fn new(root: &Path, name: &str) -> User {
+        let home = root.join(name);
+        let passphrase = root.join(format!("{name}.passphrase"));
+        let password = root.join(format!("{name}.password"));
+        std::fs::write(&passphrase, format!("{name} passphrase\n")).unwrap();
+        std::fs::write(&password, format!("{name} password 123\n")).unwrap();
+        User { name: name.to_string(), home, passphrase, password }
+    }
+
+    /// `sotto --home H --passphrase-file P ARGS...`
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = sotto(&self.home);
+        cmd.arg("--passphrase-file").arg(&self.passphrase).args(args);
+        cmd
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = run(&mut self.cmd(args));
+        assert!(out.status.success(), "sotto {args:?} failed: {}{}", stdout(&out), stderr(&out));
+        stdout(&out)
+    }
+
+    pub fn id_new(&self) -> String {
+        self.ok(&["id", "new"])
+    }
+
+    pub fn register(&self, server: &str) -> String {
+        let mut cmd = self.cmd(&["register", &self.name, "--server", server, "--password-file"]);
+        cmd.arg(&self.password);
+        let out = run(&mut cmd);
+        assert!(out.status.success(), "register {} failed: {}", self.name, stderr(&out));
+        stdout(&out)
+    }
+
+    /// Starts `sotto up` and waits until it says it is online.
+    pub fn up(&self) -> Child {
+        let mut child = self.cmd(&["up"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("up starts");
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("up prints");
+        assert!(line.contains("is online"), "up said: {line:?}");
+        // Keep draining its output so it never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        child
+    }
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
