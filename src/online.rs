@@ -40,12 +40,24 @@ fn is_fatal(e: &ClientError) -> bool {
         e,
         ClientError::PinMismatch(_)
             | ClientError::WrongProtocol(_)
-            | ClientError::Refused(Refusal::KeyChanged | Refusal::InvalidCredentials | Refusal::BadProof | Refusal::BadRecord | Refusal::TtlTooLong | Refusal::ClockSkew)
+            | ClientError::Refused(
+                Refusal::KeyChanged
+                    | Refusal::InvalidCredentials
+                    | Refusal::BadProof
+                    | Refusal::BadRecord
+                    | Refusal::TtlTooLong
+                    | Refusal::ClockSkew
+            )
     )
 }
 
 /// Runs until `shutdown` turns true (then withdraws and returns `Ok`) or a fatal error.
-pub async fn stay_online(identity: &Identity, presence: &Presence, mut shutdown: watch::Receiver<bool>, on_event: impl Fn(Event)) -> Result<(), ClientError> {
+pub async fn stay_online(
+    identity: &Identity,
+    presence: &Presence,
+    mut shutdown: watch::Receiver<bool>,
+    on_event: impl Fn(Event),
+) -> Result<(), ClientError> {
     let mut seq = 0u64;
     let mut backoff = Duration::from_millis(500);
     loop {

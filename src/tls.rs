@@ -41,10 +41,7 @@ impl CertKey {
     /// Makes a fresh self-signed certificate for `name` (the name is informative only).
     pub fn generate(name: &str) -> Result<Self, rcgen::Error> {
         let certified = rcgen::generate_simple_self_signed(vec![name.to_string()])?;
-        Ok(Self {
-            cert: certified.cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()),
-        })
+        Ok(Self { cert: certified.cert.der().clone(), key: PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()) })
     }
 
     /// Loads `cert.der` and `key.der` from `dir`, or makes and saves them (key mode 0600).
@@ -157,11 +154,21 @@ impl ServerCertVerifier for PinnedCert {
         }
     }
 
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 

@@ -15,7 +15,8 @@ pub struct Username(String);
 impl Username {
     pub fn parse(input: &str) -> Result<Self, InvalidUsername> {
         let lower = input.to_ascii_lowercase();
-        let ok = (3..=32).contains(&lower.len()) && lower.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        let ok = (3..=32).contains(&lower.len())
+            && lower.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if ok {
             Ok(Self(lower))
         } else {

@@ -137,7 +137,9 @@ mod tests {
     #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
     enum Old {
         A(u32),
-        B { name: String },
+        B {
+            name: String,
+        },
         #[serde(other)]
         Unknown,
     }

@@ -28,8 +28,8 @@ fn register_go_online_be_seen_go_offline() {
     assert_eq!(seen["fingerprint"], bob_key["fingerprint"]);
     assert!(seen["seq"].as_u64().unwrap() > 0);
 
-    signal(&up, "INT");
-    assert!(wait_exit(&mut up, Duration::from_secs(10)).success(), "up exits cleanly on SIGINT");
+    signal(&up.0, "INT");
+    assert!(wait_exit(&mut up.0, Duration::from_secs(10)).success(), "up exits cleanly on SIGINT");
     let gone = eventually(Duration::from_secs(5), || alice.ok(&["online", "--json"]).trim().is_empty());
     assert!(gone, "bob still listed online after up stopped");
     let seen: serde_json::Value = serde_json::from_str(&alice.ok(&["lookup", "bob", "--json"])).unwrap();
@@ -46,8 +46,8 @@ fn killed_up_disappears_when_its_connection_dies() {
     alice.register(&node.address);
     bob.register(&node.address);
     let mut up = bob.up();
-    up.kill().unwrap();
-    up.wait().unwrap();
+    up.0.kill().unwrap();
+    up.0.wait().unwrap();
     // No withdraw was sent: the node notices the dead connection by its idle timeout.
     let gone = eventually(Duration::from_secs(40), || alice.ok(&["online", "--json"]).trim().is_empty());
     assert!(gone, "a killed peer stays listed");
@@ -64,7 +64,12 @@ fn login_from_a_second_profile_binds_the_new_key() {
     bob.register(&node.address);
 
     // alice on a second device: a new profile, the same account password.
-    let laptop = User { name: "alice".into(), home: root.path().join("alice-laptop"), passphrase: alice.passphrase.clone(), password: alice.password.clone() };
+    let laptop = User {
+        name: "alice".into(),
+        home: root.path().join("alice-laptop"),
+        passphrase: alice.passphrase.clone(),
+        password: alice.password.clone(),
+    };
     laptop.id_new();
     let mut login = laptop.cmd(&["login", "alice", "--server", &node.address, "--password-file"]);
     login.arg(&laptop.password);
@@ -188,18 +193,10 @@ fn node_keeps_accounts_and_certificate_across_restarts_and_up_reconnects() {
 
     // Same data dir, same port: same certificate, same accounts; bob republishes by himself.
     let port = first_address.split(':').nth(2).unwrap().split('#').next().unwrap().to_string();
-    let mut child = std::process::Command::new(BIN)
-        .args(["rendezvous", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(&data)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    assert_eq!(line.trim(), first_address);
-    let back = eventually(Duration::from_secs(40), || run(&mut alice.cmd(&["online", "--json"])).stdout.starts_with(br#"{"username":"bob"}"#));
-    let _ = child.kill();
+    let node = NodeProcess::start_at(&data, &format!("127.0.0.1:{port}"));
+    assert_eq!(node.address, first_address);
+    let back =
+        eventually(Duration::from_secs(40), || run(&mut alice.cmd(&["online", "--json"])).stdout.starts_with(br#"{"username":"bob"}"#));
     assert!(back, "bob did not republish after the node restarted");
 }
 
@@ -208,7 +205,9 @@ fn demo_runs_and_exits_zero() {
     let out = run(std::process::Command::new(BIN).arg("demo").env_remove("SOTTO_HOME"));
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let text = stdout(&out);
-    for expected in ["registered alice", "registered bob", "bob is online", "online now: bob", "verifies under that key", "online now: nobody"] {
+    for expected in
+        ["registered alice", "registered bob", "bob is online", "online now: bob", "verifies under that key", "online now: nobody"]
+    {
         assert!(text.contains(expected), "demo output lacks {expected:?}:\n{text}");
     }
 }

@@ -134,7 +134,8 @@ pub async fn account(ctx: &Context, args: super::AccountArgs, action: AccountAct
     let server: ServerAddress = args.server.parse()?;
     let profile = ctx.profile()?;
     let identity = ctx.unlock(&profile)?;
-    let password = Source { file: args.password_file.as_deref(), stdin: args.password_stdin, what: "account password" }.read(action == AccountAction::Register)?;
+    let password = Source { file: args.password_file.as_deref(), stdin: args.password_stdin, what: "account password" }
+        .read(action == AccountAction::Register)?;
     let client = RendezvousClient::connect(&server).await?;
     let key_changed = match action {
         AccountAction::Register => {
@@ -161,7 +162,9 @@ fn explain_register(e: sotto::rendezvous::client::ClientError) -> anyhow::Error 
     use sotto::rendezvous::client::ClientError;
     use sotto::rendezvous::proto::Refusal;
     match e {
-        ClientError::Refused(Refusal::UsernameTaken) => anyhow::Error::new(e).context("choose another username, or `sotto login` if the account is yours"),
+        ClientError::Refused(Refusal::UsernameTaken) => {
+            anyhow::Error::new(e).context("choose another username, or `sotto login` if the account is yours")
+        }
         other => other.into(),
     }
 }
@@ -235,11 +238,14 @@ pub async fn lookup(ctx: &Context, user: &str, json: bool) -> Result<()> {
     let target = Username::parse(user)?;
     let (client, _) = signed_in(ctx).await?;
     let info = client.lookup(&target).await.map_err(|e| match e {
-        sotto::rendezvous::client::ClientError::Refused(sotto::rendezvous::proto::Refusal::NotFound) => anyhow::Error::new(UsageError(format!("no user {target} on this node"))),
+        sotto::rendezvous::client::ClientError::Refused(sotto::rendezvous::proto::Refusal::NotFound) => {
+            anyhow::Error::new(UsageError(format!("no user {target} on this node")))
+        }
         other => other.into(),
     })?;
     client.close().await;
-    let verified = verify_lookup(info, unix_now(), LOOKUP_SKEW).map_err(|e| UntrustedError(format!("the node's answer for {target} does not verify: {e}")))?;
+    let verified = verify_lookup(info, unix_now(), LOOKUP_SKEW)
+        .map_err(|e| UntrustedError(format!("the node's answer for {target} does not verify: {e}")))?;
     print_account(&verified, json);
     Ok(())
 }

@@ -99,7 +99,9 @@ pub async fn run() -> Result<()> {
         .await
     });
     match tokio::time::timeout(Duration::from_secs(10), bob_events.recv()).await {
-        Ok(Some(Event::Online { observed, expires_in })) => println!("    bob is online; the node sees him at {observed}; record valid {expires_in} s"),
+        Ok(Some(Event::Online { observed, expires_in })) => {
+            println!("    bob is online; the node sees him at {observed}; record valid {expires_in} s")
+        }
         other => bail!("bob did not come online: {other:?}"),
     }
 
@@ -118,7 +120,10 @@ pub async fn run() -> Result<()> {
     bob_task.await.context("bob's task failed")??;
     let (names, _) = client.online().await?;
     let still = names.contains(&bob.name);
-    println!("    online now: {}", if names.is_empty() { "nobody".to_string() } else { names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ") });
+    println!(
+        "    online now: {}",
+        if names.is_empty() { "nobody".to_string() } else { names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ") }
+    );
     client.close().await;
     if still {
         bail!("bob is still listed online after going offline");

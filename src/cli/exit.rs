@@ -19,7 +19,9 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<ClientError>() {
             return match e {
-                ClientError::Resolve { .. } | ClientError::Unreachable(_) | ClientError::Connection(_) | ClientError::Timeout => UNREACHABLE,
+                ClientError::Resolve { .. } | ClientError::Unreachable(_) | ClientError::Connection(_) | ClientError::Timeout => {
+                    UNREACHABLE
+                }
                 ClientError::PinMismatch(_) => UNTRUSTED,
                 ClientError::Refused(Refusal::KeyChanged) => UNTRUSTED,
                 ClientError::Refused(Refusal::InvalidCredentials | Refusal::BadProof) => AUTH,
@@ -30,7 +32,10 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         if let Some(ProfileError::IdFile { source: IdFileError::WrongPassphrase, .. }) = cause.downcast_ref::<ProfileError>() {
             return AUTH;
         }
-        if cause.downcast_ref::<UsageError>().is_some() || cause.downcast_ref::<InvalidUsername>().is_some() || cause.downcast_ref::<AddressError>().is_some() {
+        if cause.downcast_ref::<UsageError>().is_some()
+            || cause.downcast_ref::<InvalidUsername>().is_some()
+            || cause.downcast_ref::<AddressError>().is_some()
+        {
             return USAGE;
         }
         if cause.downcast_ref::<UntrustedError>().is_some() {

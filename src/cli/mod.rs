@@ -113,7 +113,8 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         (false, 2) => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SOTTO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("sotto={level},warn")));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SOTTO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("sotto={level},warn")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
@@ -121,7 +122,9 @@ fn home(args: &Args) -> Result<PathBuf> {
     if let Some(h) = &args.home {
         return Ok(h.clone());
     }
-    directories::ProjectDirs::from("", "", "sotto").map(|d| d.data_dir().to_path_buf()).context("cannot find a home directory: pass --home DIR or set SOTTO_HOME")
+    directories::ProjectDirs::from("", "", "sotto")
+        .map(|d| d.data_dir().to_path_buf())
+        .context("cannot find a home directory: pass --home DIR or set SOTTO_HOME")
 }
 
 pub async fn run(args: Args) -> Result<()> {

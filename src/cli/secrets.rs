@@ -27,7 +27,10 @@ pub fn from_stdin() -> Result<Zeroizing<String>> {
 
 fn prompt(text: &str) -> Result<Zeroizing<String>> {
     if !std::io::stdin().is_terminal() {
-        bail!(UsageError(format!("{} needed but there is no terminal to ask on: use the file option (see --help)", text.trim_end_matches(": "))));
+        bail!(UsageError(format!(
+            "{} needed but there is no terminal to ask on: use the file option (see --help)",
+            text.trim_end_matches(": ")
+        )));
     }
     Ok(Zeroizing::new(rpassword::prompt_password(text).context("cannot read from the terminal")?))
 }

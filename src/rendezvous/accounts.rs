@@ -168,7 +168,9 @@ impl PasswordHasher {
         let real = phc.is_some();
         let phc = phc.unwrap_or_else(|| self.dummy_phc.clone());
         let matched = self
-            .run(move |argon2| PasswordHash::new(&phc).map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok()).unwrap_or(false))
+            .run(move |argon2| {
+                PasswordHash::new(&phc).map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok()).unwrap_or(false)
+            })
             .await?;
         Ok(real && matched)
     }
@@ -200,10 +202,12 @@ mod tests {
     #[tokio::test]
     async fn queue_is_bounded() {
         let h = Arc::new(PasswordHasher::new(PasswordCost { memory_kib: 8192, iterations: 4, parallelism: 1 }, 1, 2));
-        let jobs: Vec<_> = (0..8).map(|_| {
-            let h = h.clone();
-            tokio::spawn(async move { h.hash(Zeroizing::new("password".into())).await })
-        }).collect();
+        let jobs: Vec<_> = (0..8)
+            .map(|_| {
+                let h = h.clone();
+                tokio::spawn(async move { h.hash(Zeroizing::new("password".into())).await })
+            })
+            .collect();
         let mut busy = 0;
         for j in jobs {
             if j.await.unwrap() == Err(HashError::Busy) {
@@ -219,7 +223,14 @@ mod tests {
         let accounts = Accounts::open(dir.path()).unwrap();
         let id = crate::presence::tests::identity(1);
         let alice = Username::parse("alice").unwrap();
-        let account = Account { version: ACCOUNT_VERSION, password_phc: "x".into(), identity_key: id.public(), noise: id.binding(), created_at: 1, key_set_at: 1 };
+        let account = Account {
+            version: ACCOUNT_VERSION,
+            password_phc: "x".into(),
+            identity_key: id.public(),
+            noise: id.binding(),
+            created_at: 1,
+            key_set_at: 1,
+        };
         assert!(accounts.create(&alice, &account).await.unwrap());
         assert!(!accounts.create(&alice, &account).await.unwrap());
         let other = crate::presence::tests::identity(2);

@@ -24,7 +24,9 @@ pub enum ClientError {
     Resolve { host: String, source: std::io::Error },
     #[error("no rendezvous node answered at {0}: is it running, and is the address right?")]
     Unreachable(String),
-    #[error("the server at {0} is not the node in the address: its certificate fingerprint differs (wrong address, or someone in between)")]
+    #[error(
+        "the server at {0} is not the node in the address: its certificate fingerprint differs (wrong address, or someone in between)"
+    )]
     PinMismatch(String),
     #[error("the server at {0} does not speak sotto-rendezvous/1")]
     WrongProtocol(String),
@@ -66,7 +68,9 @@ impl RendezvousClient {
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(_)) if mismatch.load(Ordering::SeqCst) => return Err(ClientError::PinMismatch(shown)),
-            Ok(Err(quinn::ConnectionError::ConnectionClosed(c))) if c.error_code.to_string().contains("120") || c.reason.starts_with(b"wrong ALPN") => {
+            Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+                if c.error_code.to_string().contains("120") || c.reason.starts_with(b"wrong ALPN") =>
+            {
                 return Err(ClientError::WrongProtocol(shown))
             }
             Ok(Err(e)) => return Err(ClientError::Connection(e)),

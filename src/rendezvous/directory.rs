@@ -39,7 +39,14 @@ impl Directory {
     }
 
     /// Accepts `signed` for `user` (whose account key is `key`), published over `conn`.
-    pub fn publish(&mut self, user: &Username, key: &IdentityKey, signed: SignedPresence, conn: ConnId, now: u64) -> Result<(), PresenceError> {
+    pub fn publish(
+        &mut self,
+        user: &Username,
+        key: &IdentityKey,
+        signed: SignedPresence,
+        conn: ConnId,
+        now: u64,
+    ) -> Result<(), PresenceError> {
         let record = signed.verify(key)?;
         if &record.username != user {
             return Err(PresenceError::WrongUser);
@@ -140,7 +147,8 @@ mod tests {
     fn closing_or_withdrawing_drops_only_that_connections_record() {
         let (alice, bob) = (identity(1), identity(2));
         let mut dir = Directory::new(Freshness::DEFAULT);
-        dir.publish(&name("alice"), &alice.public(), SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &alice.secret), 1, NOW).unwrap();
+        dir.publish(&name("alice"), &alice.public(), SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &alice.secret), 1, NOW)
+            .unwrap();
         dir.publish(&name("bob"), &bob.public(), SignedPresence::sign(&record(&bob, "bob", 1, NOW, 60), &bob.secret), 2, NOW).unwrap();
         dir.withdraw(&name("alice"), 2);
         assert_eq!(dir.online(NOW, 10).0.len(), 2);
@@ -156,7 +164,8 @@ mod tests {
         for i in 0..5u8 {
             let id = identity(10 + i);
             let user = format!("user{i}");
-            dir.publish(&name(&user), &id.public(), SignedPresence::sign(&record(&id, &user, 1, NOW, 60), &id.secret), i.into(), NOW).unwrap();
+            dir.publish(&name(&user), &id.public(), SignedPresence::sign(&record(&id, &user, 1, NOW, 60), &id.secret), i.into(), NOW)
+                .unwrap();
         }
         let (names, truncated) = dir.online(NOW, 3);
         assert_eq!((names.len(), truncated), (3, true));

@@ -41,7 +41,9 @@ impl<K: Eq + Hash + Clone> FailureCounter<K> {
     /// `Err(seconds)` while `key` is locked out.
     pub fn check(&self, key: &K, now: u64) -> Result<(), u64> {
         match self.windows.get(key) {
-            Some(w) if w.failures >= self.policy.max_failures && now < w.started + self.policy.window_secs => Err(w.started + self.policy.window_secs - now),
+            Some(w) if w.failures >= self.policy.max_failures && now < w.started + self.policy.window_secs => {
+                Err(w.started + self.policy.window_secs - now)
+            }
             _ => Ok(()),
         }
     }

@@ -18,7 +18,9 @@ use super::accounts::{Account, Accounts, HashError, PasswordCost, PasswordHasher
 use super::auth::{self, Binding, Purpose};
 use super::directory::{ConnId, Directory};
 use super::limit::LoginLimits;
-use super::proto::{AccountInfo, Credentials, Refusal, Request, Response, ALPN, MAX_FRAME, MAX_ONLINE_LIST, MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS};
+use super::proto::{
+    AccountInfo, Credentials, Refusal, Request, Response, ALPN, MAX_FRAME, MAX_ONLINE_LIST, MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS,
+};
 use crate::address::ServerAddress;
 use crate::clock::unix_now;
 use crate::keys::IdentityKey;
@@ -101,10 +103,15 @@ impl Node {
         let cert = CertKey::load_or_create(&config.data_dir, "sotto-rendezvous").map_err(data_err)?;
         let accounts = Accounts::open(&config.data_dir.join("accounts"))?;
         let server = tls::server_config(&cert, ALPN, MAX_STREAMS)?;
-        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| NodeError::Listen { addr: config.listen, source })?;
+        let endpoint =
+            quinn::Endpoint::server(server, config.listen).map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let local = endpoint.local_addr().map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let host = config.public_host.clone().unwrap_or_else(|| {
-            if local.ip().is_unspecified() { IpAddr::from([127, 0, 0, 1]).to_string() } else { local.ip().to_string() }
+            if local.ip().is_unspecified() {
+                IpAddr::from([127, 0, 0, 1]).to_string()
+            } else {
+                local.ip().to_string()
+            }
         });
         let address = ServerAddress { host, port: local.port(), cert_sha256: cert.sha256() };
         let shared = Arc::new(Shared {
@@ -301,7 +308,14 @@ async fn register(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Respon
     }
     let phc = shared.hasher.hash(password).await.map_err(hash_failed)?;
     let now = unix_now();
-    let account = Account { version: ACCOUNT_VERSION, password_phc: phc, identity_key: c.identity_key, noise: c.noise, created_at: now, key_set_at: now };
+    let account = Account {
+        version: ACCOUNT_VERSION,
+        password_phc: phc,
+        identity_key: c.identity_key,
+        noise: c.noise,
+        created_at: now,
+        key_set_at: now,
+    };
     if !shared.accounts.create(&c.username, &account).await.map_err(store_failed)? {
         return Err(Refusal::UsernameTaken);
     }
@@ -320,7 +334,8 @@ async fn login(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Response,
     check_keys(conn, &c, Purpose::Login)?;
     let password = Zeroizing::new(c.password.clone());
     let account = shared.accounts.get(&c.username).map_err(store_failed)?;
-    let ok = password.len() <= MAX_PASSWORD_BYTES && shared.hasher.verify(password, account.as_ref().map(|a| a.password_phc.clone())).await.map_err(hash_failed)?;
+    let ok = password.len() <= MAX_PASSWORD_BYTES
+        && shared.hasher.verify(password, account.as_ref().map(|a| a.password_phc.clone())).await.map_err(hash_failed)?;
     let now = unix_now();
     let Some(account) = account.filter(|_| ok) else {
         info!(user = %c.username, remote = %conn.remote, "login failed");

@@ -78,14 +78,26 @@ pub struct AccountInfo {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    Challenge { challenge: [u8; 32], server_time: u64, max_ttl: u64, max_skew: u64 },
+    Challenge {
+        challenge: [u8; 32],
+        server_time: u64,
+        max_ttl: u64,
+        max_skew: u64,
+    },
     Registered,
-    LoggedIn { key_changed: bool },
+    LoggedIn {
+        key_changed: bool,
+    },
     Authenticated,
-    Published { observed: SocketAddr },
+    Published {
+        observed: SocketAddr,
+    },
     Withdrawn,
     Account(AccountInfo),
-    Online { usernames: Vec<Username>, truncated: bool },
+    Online {
+        usernames: Vec<Username>,
+        truncated: bool,
+    },
     Refused(Refusal),
     #[serde(other)]
     Unknown,
@@ -149,7 +161,13 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         let username = Username::parse("alice").unwrap();
-        for req in [Request::Hello, Request::Withdraw, Request::ListOnline, Request::Lookup { username: username.clone() }, Request::Authenticate { username, identity_key: crate::keys::IdentitySecret::from_seed(&[1; 32]).public(), proof: [9; 64] }] {
+        for req in [
+            Request::Hello,
+            Request::Withdraw,
+            Request::ListOnline,
+            Request::Lookup { username: username.clone() },
+            Request::Authenticate { username, identity_key: crate::keys::IdentitySecret::from_seed(&[1; 32]).public(), proof: [9; 64] },
+        ] {
             assert_eq!(decode_message::<Request>(&encode_message(&req)), Ok(req));
         }
     }

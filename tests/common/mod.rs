@@ -59,9 +59,13 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn start(data: &Path) -> NodeProcess {
+        Self::start_at(data, "127.0.0.1:0")
+    }
+
+    pub fn start_at(data: &Path, listen: &str) -> NodeProcess {
         let mut child = Command::new(BIN)
             .env_remove("SOTTO_LOG")
-            .args(["rendezvous", "--listen", "127.0.0.1:0", "--data"])
+            .args(["rendezvous", "--listen", listen, "--data"])
             .arg(data)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -134,7 +138,7 @@ impl User {
     }
 
     /// Starts `sotto up` and waits until it says it is online.
-    pub fn up(&self) -> Child {
+    pub fn up(&self) -> Running {
         let mut child = self.cmd(&["up"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("up starts");
         let mut reader = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -142,7 +146,7 @@ impl User {
         assert!(line.contains("is online"), "up said: {line:?}");
         // Keep draining its output so it never writes into a closed pipe.
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        child
+        Running(child)
     }
 }
 
@@ -156,4 +160,16 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
     false
+}
+
+/// A child process that is killed if the test ends before it exits.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
