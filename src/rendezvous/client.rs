@@ -178,6 +178,11 @@ impl RendezvousClient {
         self.call(request).await
     }
 
+    /// False once the connection has closed for any reason.
+    pub fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
     /// Completes when the connection ends, with the reason.
     pub async fn closed(&self) -> quinn::ConnectionError {
         self.conn.closed().await

@@ -321,7 +321,7 @@ async fn register(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Respon
     }
     info!(user = %c.username, remote = %conn.remote, "registered");
     lock(&shared.limits).succeeded(&c.username, conn.remote.ip(), now);
-    lock(&conn.state).user = Some(c.username);
+    lock(&conn.state).user = Some(c.username.clone());
     Ok(Response::Registered)
 }
 
@@ -352,7 +352,7 @@ async fn login(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Response,
     }
     info!(user = %c.username, remote = %conn.remote, key_changed, "logged in");
     lock(&shared.limits).succeeded(&c.username, ip, now);
-    lock(&conn.state).user = Some(c.username);
+    lock(&conn.state).user = Some(c.username.clone());
     Ok(Response::LoggedIn { key_changed })
 }
 

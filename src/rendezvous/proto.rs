@@ -60,6 +60,12 @@ pub enum Request {
     Unknown,
 }
 
+impl Drop for Credentials {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.password);
+    }
+}
+
 impl Message for Request {
     fn is_unknown(&self) -> bool {
         matches!(self, Request::Unknown)

@@ -1,0 +1,647 @@
+//! The running peer: a QUIC endpoint that dials and accepts `sotto-peer/1`, runs the
+//! Noise handshake from [`super::session`], keeps one session per contact, stores
+//! incoming messages before acknowledging them, and pins contacts' identity keys.
+//!
+//! `sotto up` runs one for as long as it stays online; `sotto send` without a running
+//! node runs one for a single message.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::RngCore;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::session::{Answer, Dial, PeerMessage, SessionError, Transport, ALPN, MAX_BODY, MAX_NOISE_MESSAGE};
+use crate::address::ServerAddress;
+use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
+use crate::keys::{Identity, IdentityKey, NoiseBinding};
+use crate::presence::PresenceRecord;
+use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount};
+use crate::rendezvous::proto::Refusal;
+use crate::store::{Contact, Direction, State, Store, StoreError, StoredMessage};
+use crate::tls::{self, CertKey};
+use crate::username::Username;
+use crate::wire::{encode_frame, frame_len, HEADER_LEN};
+
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest preamble frame.
+const MAX_PREAMBLE: usize = 128;
+/// Clock difference allowed when checking a looked-up presence record.
+const LOOKUP_SKEW: u64 = 60;
+/// Outgoing messages queued per session before senders wait.
+const SESSION_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    #[error("cannot listen for peers on {addr}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Why a message was not delivered. Every variant leaves the message in history.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    #[error("the message is empty")]
+    Empty,
+    #[error("the message is {0} bytes; the limit is {MAX_BODY}")]
+    TooLong(usize),
+    #[error("you cannot message yourself")]
+    ToSelf,
+    #[error("no user {0} on the rendezvous node")]
+    NoSuchUser(Username),
+    #[error("{0} is not online; the message is kept in history as not delivered")]
+    Offline(Username),
+    #[error("{user} could not be reached ({reason}); the message is kept in history as not delivered")]
+    Unreachable { user: Username, reason: String },
+    #[error(
+        "WARNING: {user}'s identity key CHANGED.\n  pinned fingerprint:    {pinned}\n  presented fingerprint: {presented}\n\
+         This can mean a new device, or someone impersonating {user}. Nothing was sent to the new key.\n\
+         Compare safety numbers with {user} in person, then run `sotto contact verify {user} SAFETY_NUMBER`."
+    )]
+    KeyChanged { user: Username, pinned: String, presented: String },
+    #[error("the rendezvous node's answer for {user} does not verify: {reason}")]
+    Untrusted { user: Username, reason: String },
+    #[error("rendezvous node: {0}")]
+    Rendezvous(#[from] ClientError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What happens in the agent, for `up` to print and for subscribers.
+#[derive(Clone, Debug)]
+pub enum AgentEvent {
+    Received(StoredMessage),
+    Delivered { peer: Username, id: [u8; 16] },
+    KeyChanged { peer: Username, pinned: IdentityKey, presented: IdentityKey },
+    SessionOpened { peer: Username, dialed: bool },
+    SessionClosed { peer: Username },
+}
+
+/// How to reach the rendezvous node and who we are there.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub username: Username,
+    pub server: ServerAddress,
+    pub listen: SocketAddr,
+}
+
+/// The handle a sender uses to put a message on a session.
+#[derive(Clone)]
+struct SessionHandle {
+    id: u64,
+    conn: quinn::Connection,
+    outgoing: mpsc::Sender<Outgoing>,
+}
+
+struct Outgoing {
+    message: PeerMessage,
+    id: [u8; 16],
+    acked: oneshot::Sender<()>,
+}
+
+struct Inner {
+    identity: Arc<Identity>,
+    config: AgentConfig,
+    store: Arc<dyn Store>,
+    endpoint: quinn::Endpoint,
+    node: tokio::sync::Mutex<Option<Arc<RendezvousClient>>>,
+    sessions: Mutex<HashMap<Username, SessionHandle>>,
+    events: broadcast::Sender<AgentEvent>,
+    next_session: AtomicU64,
+    last_timestamp: AtomicU64,
+}
+
+/// A running peer. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Agent {
+    /// Binds the peer endpoint and starts accepting sessions.
+    pub fn start(identity: Arc<Identity>, store: Arc<dyn Store>, cert: &CertKey, config: AgentConfig) -> Result<Agent, AgentError> {
+        let server = tls::server_config(cert, ALPN, 2)?;
+        let endpoint =
+            quinn::Endpoint::server(server, config.listen).map_err(|source| AgentError::Listen { addr: config.listen, source })?;
+        let (events, _) = broadcast::channel(256);
+        let inner = Arc::new(Inner {
+            identity,
+            config,
+            store,
+            endpoint,
+            node: tokio::sync::Mutex::new(None),
+            sessions: Mutex::new(HashMap::new()),
+            events,
+            next_session: AtomicU64::new(1),
+            last_timestamp: AtomicU64::new(0),
+        });
+        tokio::spawn(accept_loop(inner.clone()));
+        Ok(Agent { inner })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.endpoint.local_addr()
+    }
+
+    /// Addresses to put in the presence record: the listen address, or, when listening
+    /// on all interfaces, the local address the OS routes towards the node.
+    pub async fn advertised_addrs(&self) -> Vec<SocketAddr> {
+        let Ok(local) = self.local_addr() else { return Vec::new() };
+        if !local.ip().is_unspecified() {
+            return vec![local];
+        }
+        let node = self.inner.config.server.resolve().await.ok().and_then(|a| a.first().copied());
+        let ip = node.and_then(route_ip).unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        vec![SocketAddr::new(ip, local.port())]
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.inner.identity
+    }
+
+    pub fn username(&self) -> &Username {
+        &self.inner.config.username
+    }
+
+    /// Stores `body` for `to`, delivers it and waits for the ack. On failure the
+    /// message stays in history as `failed`.
+    pub async fn send(&self, to: &Username, body: &str) -> Result<StoredMessage, SendError> {
+        if body.is_empty() {
+            return Err(SendError::Empty);
+        }
+        if body.len() > MAX_BODY {
+            return Err(SendError::TooLong(body.len()));
+        }
+        if to == &self.inner.config.username {
+            return Err(SendError::ToSelf);
+        }
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let now = unix_now_ms();
+        let mut msg = StoredMessage {
+            id,
+            peer: to.clone(),
+            direction: Direction::Out,
+            body: body.to_string(),
+            sent_at: now,
+            stored_at: now,
+            state: State::Pending,
+        };
+        self.inner.store.insert(&msg)?;
+        match self.deliver(&msg).await {
+            Ok(()) => {
+                self.inner.store.set_state(to, &id, State::Delivered)?;
+                msg.state = State::Delivered;
+                Ok(msg)
+            }
+            Err(e) => {
+                self.inner.store.set_state(to, &id, State::Failed)?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn deliver(&self, msg: &StoredMessage) -> Result<(), SendError> {
+        let chat = PeerMessage::Chat { id: msg.id, sent_at: msg.sent_at, body: msg.body.clone() };
+        let existing = lock(&self.inner.sessions).get(&msg.peer).cloned();
+        if let Some(session) = existing {
+            // A reused session may have died quietly; the same id makes a retry safe.
+            if push(&session, chat.clone(), msg.id).await.is_ok() {
+                return Ok(());
+            }
+            debug!(peer = %msg.peer, "session failed; dialing again");
+        }
+        let verified = self.resolve(&msg.peer).await?;
+        let record = verified.presence.ok_or_else(|| SendError::Offline(msg.peer.clone()))?;
+        let session =
+            dial(&self.inner, &msg.peer, &record).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })?;
+        push(&session, chat, msg.id).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })
+    }
+
+    /// Looks `user` up, verifies the answer, and checks it against the pinned contact
+    /// (pinning it on first contact).
+    pub async fn resolve(&self, user: &Username) -> Result<VerifiedAccount, SendError> {
+        let info = match self.with_node(|node| async move { node.lookup(user).await }).await {
+            Err(ClientError::Refused(Refusal::NotFound)) => return Err(SendError::NoSuchUser(user.clone())),
+            other => other?,
+        };
+        let verified =
+            verify_lookup(info, unix_now(), LOOKUP_SKEW).map_err(|e| SendError::Untrusted { user: user.clone(), reason: e.to_string() })?;
+        let seq = verified.presence.as_ref().map(|r| r.seq);
+        let contact = check_trust(&self.inner, user, &verified.info.identity_key, &verified.info.noise)?;
+        if let Some(seq) = seq {
+            if seq < contact.highest_seq {
+                return Err(SendError::Untrusted {
+                    user: user.clone(),
+                    reason: "an older presence record than one already seen (replayed)".into(),
+                });
+            }
+            let mut contact = contact;
+            contact.highest_seq = seq;
+            self.inner.store.put_contact(&contact)?;
+        }
+        Ok(verified)
+    }
+
+    /// Users online now, as the node says.
+    pub async fn online(&self) -> Result<Vec<Username>, ClientError> {
+        self.with_node(|node| async move { node.online().await.map(|(names, _)| names) }).await
+    }
+
+    /// Runs `f` with a signed-in node connection, reconnecting once if it went away.
+    async fn with_node<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Arc<RendezvousClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let node = node_client(&self.inner).await?;
+        match f(node).await {
+            Err(ClientError::Connection(_) | ClientError::Timeout) => {
+                *self.inner.node.lock().await = None;
+                f(node_client(&self.inner).await?).await
+            }
+            other => other,
+        }
+    }
+
+    /// Closes every session and the endpoint.
+    pub async fn shutdown(&self) {
+        let sessions: Vec<_> = lock(&self.inner.sessions).drain().map(|(_, s)| s).collect();
+        for s in sessions {
+            s.conn.close(0u32.into(), b"bye");
+        }
+        if let Some(node) = self.inner.node.lock().await.take() {
+            if let Ok(node) = Arc::try_unwrap(node) {
+                node.close().await;
+            }
+        }
+        self.inner.endpoint.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        let _ = self.inner.store.flush();
+    }
+}
+
+/// The source address the OS would use towards `target` (no packet is sent).
+fn route_ip(target: SocketAddr) -> Option<IpAddr> {
+    let bind: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+async fn node_client(inner: &Inner) -> Result<Arc<RendezvousClient>, ClientError> {
+    let mut cached = inner.node.lock().await;
+    if let Some(node) = cached.as_ref().filter(|n| n.is_open()) {
+        return Ok(node.clone());
+    }
+    let node = RendezvousClient::connect(&inner.config.server).await?;
+    node.authenticate(&inner.identity, &inner.config.username).await?;
+    let node = Arc::new(node);
+    *cached = Some(node.clone());
+    Ok(node)
+}
+
+/// TOFU: pins a first-seen key, refreshes a matching one, refuses a changed one.
+fn check_trust(inner: &Inner, user: &Username, key: &IdentityKey, noise: &NoiseBinding) -> Result<Contact, SendError> {
+    let now = unix_now();
+    match inner.store.contact(user)? {
+        None => {
+            let contact = Contact {
+                username: user.clone(),
+                identity_key: *key,
+                noise: *noise,
+                verified: false,
+                first_seen: now,
+                last_seen: now,
+                highest_seq: 0,
+                last_handshake: 0,
+                changed_key: None,
+            };
+            inner.store.put_contact(&contact)?;
+            info!(peer = %user, "pinned identity key on first contact");
+            Ok(contact)
+        }
+        Some(mut contact) if contact.identity_key.ct_eq(key) => {
+            contact.noise = *noise;
+            contact.last_seen = now;
+            inner.store.put_contact(&contact)?;
+            Ok(contact)
+        }
+        Some(mut contact) => {
+            warn!(peer = %user, "identity key changed; refusing until verified");
+            contact.changed_key = Some(*key);
+            inner.store.put_contact(&contact)?;
+            let _ = inner.events.send(AgentEvent::KeyChanged { peer: user.clone(), pinned: contact.identity_key, presented: *key });
+            Err(SendError::KeyChanged {
+                user: user.clone(),
+                pinned: contact.identity_key.fingerprint().to_string(),
+                presented: key.fingerprint().to_string(),
+            })
+        }
+    }
+}
+
+/// Queues one message on a session and waits for its ack.
+async fn push(session: &SessionHandle, message: PeerMessage, id: [u8; 16]) -> Result<(), String> {
+    let (acked, ack) = oneshot::channel();
+    session.outgoing.send(Outgoing { message, id, acked }).await.map_err(|_| "session closed".to_string())?;
+    match tokio::time::timeout(ACK_TIMEOUT, ack).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("session closed before the acknowledgement".into()),
+        Err(_) => Err("no acknowledgement in time".into()),
+    }
+}
+
+/// Reads one length-prefixed frame of at most `cap` bytes; `None` at a clean end.
+async fn read_frame(recv: &mut quinn::RecvStream, cap: usize) -> Result<Option<Vec<u8>>, String> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let len = frame_len(header, cap).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    Ok(Some(body))
+}
+
+fn next_timestamp(inner: &Inner) -> u64 {
+    let now = unix_now_ns();
+    let prev = inner.last_timestamp.fetch_max(now, Ordering::SeqCst);
+    if prev >= now {
+        inner.last_timestamp.fetch_add(1, Ordering::SeqCst) + 1
+    } else {
+        now
+    }
+}
+
+async fn dial(inner: &Arc<Inner>, peer: &Username, record: &PresenceRecord) -> Result<SessionHandle, String> {
+    let (config, mismatch) = tls::client_config(record.cert_sha256, ALPN).map_err(|e| e.to_string())?;
+    let mut last_error = "the presence record lists no address".to_string();
+    let mut connection = None;
+    for addr in &record.addrs {
+        let connecting = match inner.endpoint.connect_with(config.clone(), *addr, "sotto-peer") {
+            Ok(c) => c,
+            Err(e) => {
+                last_error = e.to_string();
+                continue;
+            }
+        };
+        match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => {
+                connection = Some(conn);
+                break;
+            }
+            Ok(Err(_)) if mismatch.load(Ordering::SeqCst) => {
+                last_error = format!("{addr} presented a certificate other than the one {peer} signed")
+            }
+            Ok(Err(e)) => last_error = format!("{addr}: {e}"),
+            Err(_) => last_error = format!("{addr}: no answer"),
+        }
+    }
+    let conn = connection.ok_or(last_error)?;
+    let handshake = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let ts = next_timestamp(inner);
+        let (dial, preamble, msg1) =
+            Dial::start(&inner.identity, &inner.config.username, peer, &record.noise.noise_key, ts).map_err(|e| e.to_string())?;
+        let mut out = encode_frame(&preamble);
+        out.extend_from_slice(&encode_frame(&msg1));
+        send.write_all(&out).await.map_err(|e| e.to_string())?;
+        let msg2 = read_frame(&mut recv, MAX_NOISE_MESSAGE).await?.ok_or("the peer closed the stream during the handshake")?;
+        let transport = dial.finish(&msg2).map_err(|e| e.to_string())?;
+        Ok::<_, String>((transport, send, recv))
+    };
+    let (transport, send, recv) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(e)) => {
+            conn.close(1u32.into(), b"handshake failed");
+            return Err(format!("handshake failed: {e}"));
+        }
+        Err(_) => {
+            conn.close(1u32.into(), b"handshake timed out");
+            return Err("handshake timed out".into());
+        }
+    };
+    Ok(start_session(inner, peer.clone(), conn, transport, send, recv, true))
+}
+
+async fn accept_loop(inner: Arc<Inner>) {
+    while let Some(incoming) = inner.endpoint.accept().await {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(e) = accept(&inner, incoming).await {
+                info!(%remote, reason = %e, "refused a peer session");
+            }
+        });
+    }
+}
+
+async fn accept(inner: &Arc<Inner>, incoming: quinn::Incoming) -> Result<(), String> {
+    let conn =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await.map_err(|_| "QUIC handshake timed out")?.map_err(|e| e.to_string())?;
+    if tls::negotiated_alpn(&conn).as_deref() != Some(ALPN) {
+        conn.close(1u32.into(), b"wrong ALPN");
+        return Err("wrong ALPN".into());
+    }
+    let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer(inner, &conn)).await.unwrap_or_else(|_| Err("handshake timed out".into()));
+    match result {
+        Ok((peer, transport, send, recv)) => {
+            start_session(inner, peer, conn, transport, send, recv, false);
+            Ok(())
+        }
+        Err(e) => {
+            conn.close(1u32.into(), b"refused");
+            Err(e)
+        }
+    }
+}
+
+type Accepted = (Username, Transport, quinn::SendStream, quinn::RecvStream);
+
+async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted, String> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let preamble = read_frame(&mut recv, MAX_PREAMBLE).await?.ok_or("no preamble")?;
+    let msg1 = read_frame(&mut recv, MAX_NOISE_MESSAGE).await?.ok_or("no handshake")?;
+    let answer = Answer::read(&inner.identity, &inner.config.username, &preamble, &msg1).map_err(|e| e.to_string())?;
+    let dialer = answer.dialer.clone();
+    let presented = answer.hello.identity_key;
+    let timestamp = answer.hello.timestamp;
+    let binding = NoiseBinding { noise_key: answer.dialer_noise, signature: answer.hello.noise_binding };
+    // The identity the dialer must have: the pinned one, or (first contact) the key the
+    // rendezvous account holds.
+    let contact = match inner.store.contact(&dialer).map_err(|e| e.to_string())? {
+        Some(c) => c,
+        None => {
+            let agent = Agent { inner: inner.clone() };
+            let account = agent.with_node(|node| {
+                let dialer = dialer.clone();
+                async move { node.lookup(&dialer).await }
+            });
+            let info = account.await.map_err(|e| format!("cannot check {dialer} with the rendezvous node: {e}"))?;
+            if !info.identity_key.ct_eq(&presented) {
+                return Err(format!("{dialer} presented a key that is not their account's"));
+            }
+            check_trust(inner, &dialer, &presented, &binding).map_err(|e| e.to_string())?
+        }
+    };
+    if !contact.identity_key.ct_eq(&presented) {
+        let _ = check_trust(inner, &dialer, &presented, &binding);
+        return Err(format!("{dialer} presented a changed identity key"));
+    }
+    let last = (contact.last_handshake > 0).then_some(contact.last_handshake);
+    let (transport, msg2) = answer.accept(&contact.identity_key, last).map_err(|e: SessionError| e.to_string())?;
+    // Record the timestamp durably before answering, so a replay after a restart fails.
+    let mut contact = contact;
+    contact.last_handshake = timestamp;
+    contact.noise = binding;
+    contact.last_seen = unix_now();
+    inner.store.put_contact(&contact).map_err(|e| e.to_string())?;
+    send.write_all(&encode_frame(&msg2)).await.map_err(|e| e.to_string())?;
+    Ok((dialer, transport, send, recv))
+}
+
+fn start_session(
+    inner: &Arc<Inner>,
+    peer: Username,
+    conn: quinn::Connection,
+    transport: Transport,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dialed: bool,
+) -> SessionHandle {
+    let (outgoing, queue) = mpsc::channel(SESSION_QUEUE);
+    let handle = SessionHandle { id: inner.next_session.fetch_add(1, Ordering::Relaxed), conn: conn.clone(), outgoing };
+    if let Some(old) = lock(&inner.sessions).insert(peer.clone(), handle.clone()) {
+        old.conn.close(0u32.into(), b"replaced by a newer session");
+    }
+    debug!(%peer, dialed, "session open");
+    let _ = inner.events.send(AgentEvent::SessionOpened { peer: peer.clone(), dialed });
+    tokio::spawn(run_session(inner.clone(), peer, handle.id, conn, transport, send, recv, queue));
+    handle
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_session(
+    inner: Arc<Inner>,
+    peer: Username,
+    session_id: u64,
+    conn: quinn::Connection,
+    mut transport: Transport,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut queue: mpsc::Receiver<Outgoing>,
+) {
+    // Frames are read by their own task: reading is not cancel-safe inside select!.
+    let (frames_tx, mut frames) = mpsc::channel::<Vec<u8>>(16);
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(frame)) = read_frame(&mut recv, MAX_NOISE_MESSAGE).await {
+            if frames_tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut waiting: HashMap<[u8; 16], oneshot::Sender<()>> = HashMap::new();
+    let reason = loop {
+        tokio::select! {
+            frame = frames.recv() => {
+                let Some(frame) = frame else { break "stream ended".to_string() };
+                let message = match transport.open(&frame) {
+                    Ok(m) => m,
+                    Err(e) => break e.to_string(),
+                };
+                match handle_message(&inner, &peer, message, &mut waiting) {
+                    Ok(Some(reply)) => match transport.seal(&reply) {
+                        Ok(bytes) => if let Err(e) = send.write_all(&encode_frame(&bytes)).await { break e.to_string() },
+                        Err(e) => break e.to_string(),
+                    },
+                    Ok(None) => {}
+                    Err(e) => break e,
+                }
+            }
+            out = queue.recv() => {
+                let Some(out) = out else { break "closed".to_string() };
+                match transport.seal(&out.message) {
+                    Ok(bytes) => {
+                        if let Err(e) = send.write_all(&encode_frame(&bytes)).await { break e.to_string() }
+                        waiting.insert(out.id, out.acked);
+                    }
+                    Err(e) => break e.to_string(),
+                }
+            }
+        }
+    };
+    debug!(%peer, %reason, "session closed");
+    reader.abort();
+    conn.close(0u32.into(), b"session closed");
+    {
+        let mut sessions = lock(&inner.sessions);
+        if sessions.get(&peer).is_some_and(|s| s.id == session_id) {
+            sessions.remove(&peer);
+        }
+    }
+    let _ = inner.events.send(AgentEvent::SessionClosed { peer });
+}
+
+/// Applies one decrypted message; returns the reply to send, if any.
+fn handle_message(
+    inner: &Inner,
+    peer: &Username,
+    message: PeerMessage,
+    waiting: &mut HashMap<[u8; 16], oneshot::Sender<()>>,
+) -> Result<Option<PeerMessage>, String> {
+    match message {
+        PeerMessage::Chat { id, sent_at, body } => {
+            if body.len() > MAX_BODY {
+                return Err("oversized message".into());
+            }
+            let msg = StoredMessage {
+                id,
+                peer: peer.clone(),
+                direction: Direction::In,
+                body,
+                sent_at,
+                stored_at: unix_now_ms(),
+                state: State::Received,
+            };
+            // Store (durably) before acking; a resend with the same id is stored once.
+            let added = inner.store.insert(&msg).map_err(|e| e.to_string())?;
+            if added {
+                let _ = inner.events.send(AgentEvent::Received(msg));
+            }
+            Ok(Some(PeerMessage::Ack { id }))
+        }
+        PeerMessage::Ack { id } => {
+            if let Some(acked) = waiting.remove(&id) {
+                inner.store.set_state(peer, &id, State::Delivered).map_err(|e| e.to_string())?;
+                let _ = inner.events.send(AgentEvent::Delivered { peer: peer.clone(), id });
+                let _ = acked.send(());
+            }
+            Ok(None)
+        }
+        PeerMessage::Unknown => Ok(None),
+    }
+}
