@@ -2,7 +2,10 @@
 //! Noise sessions; a rendezvous node keeps accounts and signed presence records.
 
 pub mod address;
+pub mod app;
 pub mod clock;
+pub mod control;
+pub mod exit;
 pub mod idfile;
 pub mod keys;
 pub mod online;

@@ -7,15 +7,19 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rand::RngCore;
-use tokio::sync::{mpsc, oneshot, watch};
+use std::sync::Arc;
 
-use sotto::clock::unix_now;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use sotto::address::ServerAddress;
 use sotto::idfile::KdfParams;
 use sotto::keys::{safety_number, Identity};
 use sotto::online::{self, Event, Presence};
+use sotto::peer::agent::{Agent, AgentConfig, AgentEvent};
 use sotto::profile::{Profile, ProfileConfig};
-use sotto::rendezvous::client::{verify_lookup, RendezvousClient};
+use sotto::rendezvous::client::RendezvousClient;
 use sotto::rendezvous::node::{Node, NodeConfig};
+use sotto::store::{Direction, SledStore, Store};
 use sotto::tls::CertKey;
 use sotto::username::Username;
 
@@ -46,6 +50,69 @@ struct User {
     password: String,
 }
 
+/// A demo user who is online: their peer agent and presence keeper.
+struct Online {
+    name: Username,
+    agent: Agent,
+    events: broadcast::Receiver<AgentEvent>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), sotto::rendezvous::client::ClientError>>,
+}
+
+impl Online {
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await.context("presence task failed")??;
+        self.agent.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn go_online(user: User, server: &ServerAddress) -> Result<Online> {
+    let cert = CertKey::load_or_create(&user.profile.home().join("peer"), "sotto-peer")?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&user.profile.home().join("db"))?);
+    let identity = Arc::new(user.identity);
+    let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let agent = Agent::start(identity.clone(), store, &cert, AgentConfig { username: user.name.clone(), server: server.clone(), listen })?;
+    let events = agent.subscribe();
+    let presence = Presence {
+        server: server.clone(),
+        username: user.name.clone(),
+        addrs: agent.advertised_addrs().await,
+        cert_sha256: cert.sha256(),
+        ttl: 60,
+    };
+    let (stop, stopped) = watch::channel(false);
+    let (online_tx, mut online_rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        online::stay_online(&identity, &presence, stopped, move |e| {
+            let _ = online_tx.send(e);
+        })
+        .await
+    });
+    match tokio::time::timeout(Duration::from_secs(10), online_rx.recv()).await {
+        Ok(Some(Event::Online { observed, .. })) => {
+            println!("    {:<6} online; peers reach it at {}; the node sees {observed}", user.name.as_str(), agent.local_addr()?)
+        }
+        other => bail!("{} did not come online: {other:?}", user.name),
+    }
+    Ok(Online { name: user.name, agent, events, stop, task })
+}
+
+async fn expect_received(events: &mut broadcast::Receiver<AgentEvent>, who: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(AgentEvent::Received(m))) => {
+                println!("    {who} received from {}: {:?} (stored, then acknowledged)", m.peer, m.body);
+                return Ok(());
+            }
+            Ok(Ok(_)) => continue,
+            other => bail!("{who} did not receive the message: {other:?}"),
+        }
+    }
+}
+
 fn make_user(root: &Path, name: &str) -> Result<User> {
     let profile = Profile::open(&root.join(name))?;
     let identity = Identity::generate();
@@ -74,8 +141,6 @@ pub async fn run() -> Result<()> {
     step(2, "Make identities: Ed25519 identity key + X25519 Noise key, encrypted at rest (argon2id, XChaCha20-Poly1305)");
     let alice = make_user(&root.0, "alice")?;
     let bob = make_user(&root.0, "bob")?;
-    println!("    safety number of the pair (both sides compute the same):");
-    println!("    {}", safety_number(&alice.identity.public(), &bob.identity.public()));
 
     step(3, "Register both accounts (password hashed with argon2id on the node; identity proven by signature)");
     for user in [&alice, &bob] {
@@ -86,50 +151,52 @@ pub async fn run() -> Result<()> {
         println!("    registered {}", user.name);
     }
 
-    step(4, "bob goes online: signs a presence record (seq, expiry, peer certificate hash) and publishes it");
-    let cert = CertKey::load_or_create(&bob.profile.home().join("peer"), "sotto-peer")?;
-    let presence = Presence { server: server.clone(), username: bob.name.clone(), addrs: Vec::new(), cert_sha256: cert.sha256(), ttl: 60 };
-    let (stop_bob, bob_stopped) = watch::channel(false);
-    let (events, mut bob_events) = mpsc::unbounded_channel();
-    let bob_identity = bob.identity;
-    let bob_task = tokio::spawn(async move {
-        online::stay_online(&bob_identity, &presence, bob_stopped, move |e| {
-            let _ = events.send(e);
-        })
-        .await
-    });
-    match tokio::time::timeout(Duration::from_secs(10), bob_events.recv()).await {
-        Ok(Some(Event::Online { observed, expires_in })) => {
-            println!("    bob is online; the node sees him at {observed}; record valid {expires_in} s")
-        }
-        other => bail!("bob did not come online: {other:?}"),
-    }
+    step(4, "Both go online: each opens a peer QUIC endpoint and publishes a signed presence record");
+    let mut alice = go_online(alice, &server).await?;
+    let mut bob = go_online(bob, &server).await?;
 
-    step(5, "alice signs in with her identity key and looks bob up; she verifies his record herself");
-    let client = RendezvousClient::connect(&server).await?;
-    client.authenticate(&alice.identity, &alice.name).await?;
-    let (names, _) = client.online().await?;
-    println!("    online now: {}", names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "));
-    let verified = verify_lookup(client.lookup(&bob.name).await?, unix_now(), 60)?;
+    step(5, "alice looks bob up and verifies his record herself (signature, Noise-key binding, expiry)");
+    let verified = alice.agent.lookup(&bob.name).await?;
     let record = verified.presence.context("bob's presence record is missing")?;
-    println!("    bob's identity key {}", verified.info.identity_key.to_hex());
-    println!("    bob's record #{} verifies under that key; peer certificate sha256:{}", record.seq, hex::encode(record.cert_sha256));
-
-    step(6, "bob goes offline: he withdraws, and the node drops his record at once");
-    let _ = stop_bob.send(true);
-    bob_task.await.context("bob's task failed")??;
-    let (names, _) = client.online().await?;
-    let still = names.contains(&bob.name);
+    println!("    online now: {}", alice.agent.online().await?.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "));
     println!(
-        "    online now: {}",
-        if names.is_empty() { "nobody".to_string() } else { names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ") }
+        "    bob's record #{} verifies under key {}…; peer certificate sha256:{}…",
+        record.seq,
+        &verified.info.identity_key.to_hex()[..16],
+        &hex::encode(record.cert_sha256)[..16]
     );
-    client.close().await;
-    if still {
-        bail!("bob is still listed online after going offline");
-    }
 
-    step(7, "Stop the node and clean up");
+    step(6, "alice → bob, directly: QUIC pinned to bob's certificate, then Noise_IK_25519_ChaChaPoly_BLAKE2s");
+    let sent = alice.agent.send(&bob.name, "Hi bob! Only you can read this.").await?;
+    println!("    alice sent {:?}: {}", sent.body, sent.state.as_str());
+    expect_received(&mut bob.events, "bob").await?;
+
+    step(7, "bob → alice, on the same session (sessions are reused while both stay up)");
+    let reply = bob.agent.send(&alice.name, "Hi alice, received loud and clear.").await?;
+    println!("    bob sent {:?}: {}", reply.body, reply.state.as_str());
+    expect_received(&mut alice.events, "alice").await?;
+
+    step(8, "Each side's local history (sled), newest last");
+    for user in [&alice, &bob] {
+        println!("    {}:", user.name);
+        for m in user.agent.store().last(None, 10)? {
+            let arrow = if m.direction == Direction::Out { "→" } else { "←" };
+            println!("      {arrow} {:<6} {:<40} [{}]", m.peer.as_str(), m.body, m.state.as_str());
+        }
+    }
+    let safety = safety_number(&alice.agent.identity().public(), &bob.agent.identity().public());
+    println!("    both would compare the safety number {safety}");
+
+    step(9, "bob goes offline; a message to him now fails cleanly and stays in history as failed");
+    let bob_name = bob.name.clone();
+    bob.stop().await?;
+    match alice.agent.send(&bob_name, "Are you still there?").await {
+        Err(e) => println!("    alice: {e}"),
+        Ok(_) => bail!("a message to an offline user was reported delivered"),
+    }
+    alice.stop().await?;
+
+    step(10, "Stop the node and clean up");
     let _ = stop_node.send(());
     node_task.await.context("node task failed")??;
     println!("    done: everything ran on 127.0.0.1 and the temporary directory is removed");

@@ -1,48 +1,39 @@
-//! Exit codes. Scripts can tell a usage error from an unreachable node, a changed or
-//! untrusted identity, and failed authentication.
+//! Exit codes: the library's [`ExitClass`] for every error a command can end with.
 
 use sotto::address::AddressError;
+use sotto::control::RpcError;
+use sotto::exit::{client_error_class, send_error_class, ExitClass};
 use sotto::idfile::IdFileError;
+use sotto::peer::agent::SendError;
 use sotto::profile::ProfileError;
 use sotto::rendezvous::client::ClientError;
-use sotto::rendezvous::proto::Refusal;
 use sotto::username::InvalidUsername;
-
-pub const FAILURE: u8 = 1;
-pub const USAGE: u8 = 2;
-pub const UNREACHABLE: u8 = 3;
-pub const UNTRUSTED: u8 = 4;
-pub const AUTH: u8 = 5;
-pub const REFUSED: u8 = 6;
 
 pub fn code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<ClientError>() {
-            return match e {
-                ClientError::Resolve { .. } | ClientError::Unreachable(_) | ClientError::Connection(_) | ClientError::Timeout => {
-                    UNREACHABLE
-                }
-                ClientError::PinMismatch(_) => UNTRUSTED,
-                ClientError::Refused(Refusal::KeyChanged) => UNTRUSTED,
-                ClientError::Refused(Refusal::InvalidCredentials | Refusal::BadProof) => AUTH,
-                ClientError::Refused(_) => REFUSED,
-                _ => FAILURE,
-            };
+            return client_error_class(e) as u8;
+        }
+        if let Some(e) = cause.downcast_ref::<SendError>() {
+            return send_error_class(e) as u8;
+        }
+        if let Some(e) = cause.downcast_ref::<RpcError>() {
+            return e.exit as u8;
         }
         if let Some(ProfileError::IdFile { source: IdFileError::WrongPassphrase, .. }) = cause.downcast_ref::<ProfileError>() {
-            return AUTH;
+            return ExitClass::Auth as u8;
         }
         if cause.downcast_ref::<UsageError>().is_some()
             || cause.downcast_ref::<InvalidUsername>().is_some()
             || cause.downcast_ref::<AddressError>().is_some()
         {
-            return USAGE;
+            return ExitClass::Usage as u8;
         }
         if cause.downcast_ref::<UntrustedError>().is_some() {
-            return UNTRUSTED;
+            return ExitClass::Untrusted as u8;
         }
     }
-    FAILURE
+    ExitClass::Failure as u8
 }
 
 /// A command used wrongly, found after parsing.

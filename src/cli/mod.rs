@@ -4,6 +4,7 @@
 mod commands;
 mod demo;
 pub mod exit;
+mod messaging;
 mod secrets;
 
 use std::net::SocketAddr;
@@ -56,12 +57,38 @@ pub enum Command {
     Register(AccountArgs),
     /// Sign in to an existing account from this profile (binds this identity to it).
     Login(AccountArgs),
-    /// Stay online: publish signed presence, renew it, withdraw on Ctrl-C.
+    /// Stay online: receive messages, publish signed presence, withdraw on Ctrl-C.
     Up {
+        /// UDP address for direct peer sessions (port 0 picks a free one).
+        #[arg(long, default_value = "0.0.0.0:0")]
+        listen: SocketAddr,
         /// Presence record lifetime in seconds (the node caps it).
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(10..=3600))]
         ttl: u64,
+        /// Print events as JSON, one object per line.
+        #[arg(long)]
+        json: bool,
     },
+    /// Send an end-to-end encrypted message (the message from stdin when absent).
+    Send { user: String, message: Option<String> },
+    /// Show local history, oldest first: with USER, or with everyone.
+    History {
+        user: Option<String>,
+        /// How many of the newest messages.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        limit: u64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pinned contacts: fingerprint, verified, online now.
+    Contacts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify a contact's key.
+    #[command(subcommand)]
+    Contact(ContactCommand),
     /// List the users online now.
     Online {
         /// One JSON object per line.
@@ -85,6 +112,18 @@ pub enum IdCommand {
     New,
     /// Print the fingerprint and public keys (no passphrase needed).
     Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ContactCommand {
+    /// Show the pair's safety number, or mark the contact verified if SAFETY_NUMBER matches.
+    Verify {
+        user: String,
+        /// The safety number both of you see (spaces optional).
+        safety_number: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -118,6 +157,18 @@ pub fn init_logging(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
+/// Where the control socket lives: `$XDG_RUNTIME_DIR`, or a per-user directory in /tmp.
+fn runtime_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+            std::env::temp_dir().join(format!("sotto-{uid}"))
+        }
+    }
+}
+
 fn home(args: &Args) -> Result<PathBuf> {
     if let Some(h) = &args.home {
         return Ok(h.clone());
@@ -128,16 +179,22 @@ fn home(args: &Args) -> Result<PathBuf> {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    let ctx = commands::Context { home: home(&args)?, passphrase_file: args.passphrase_file.clone() };
+    let ctx = commands::Context { home: home(&args)?, passphrase_file: args.passphrase_file.clone(), runtime_dir: runtime_dir() };
     match args.command {
         Command::Id(IdCommand::New) => commands::id_new(&ctx),
         Command::Id(IdCommand::Show { json }) => commands::id_show(&ctx, json),
         Command::Rendezvous { listen, data, public_host } => commands::rendezvous(listen, data, public_host).await,
         Command::Register(a) => commands::account(&ctx, a, commands::AccountAction::Register).await,
         Command::Login(a) => commands::account(&ctx, a, commands::AccountAction::Login).await,
-        Command::Up { ttl } => commands::up(&ctx, ttl).await,
-        Command::Online { json } => commands::online(&ctx, json).await,
-        Command::Lookup { user, json } => commands::lookup(&ctx, &user, json).await,
+        Command::Up { listen, ttl, json } => messaging::up(&ctx, listen, ttl, json).await,
+        Command::Send { user, message } => messaging::send(&ctx, &user, message).await,
+        Command::History { user, limit, json } => messaging::history(&ctx, user.as_deref(), limit as usize, json).await,
+        Command::Contacts { json } => messaging::contacts(&ctx, json).await,
+        Command::Contact(ContactCommand::Verify { user, safety_number, json }) => {
+            messaging::verify(&ctx, &user, safety_number.as_deref(), json).await
+        }
+        Command::Online { json } => messaging::online(&ctx, json).await,
+        Command::Lookup { user, json } => messaging::lookup(&ctx, &user, json).await,
         Command::Demo => demo::run().await,
     }
 }

@@ -264,6 +264,15 @@ impl Agent {
         Ok(verified)
     }
 
+    /// Looks `user` up and verifies the answer, without pinning anything.
+    pub async fn lookup(&self, user: &Username) -> Result<VerifiedAccount, SendError> {
+        let info = match self.with_node(|node| async move { node.lookup(user).await }).await {
+            Err(ClientError::Refused(Refusal::NotFound)) => return Err(SendError::NoSuchUser(user.clone())),
+            other => other?,
+        };
+        verify_lookup(info, unix_now(), LOOKUP_SKEW).map_err(|e| SendError::Untrusted { user: user.clone(), reason: e.to_string() })
+    }
+
     /// Users online now, as the node says.
     pub async fn online(&self) -> Result<Vec<Username>, ClientError> {
         self.with_node(|node| async move { node.online().await.map(|(names, _)| names) }).await

@@ -1,0 +1,200 @@
+//! What the commands do with a profile's data, shared by the command line (working on
+//! the database directly) and by `sotto up`'s control socket (working through the
+//! running node): JSON views of messages, contacts and accounts, contact verification,
+//! and the JSON-RPC method table.
+
+use serde_json::{json, Value};
+
+use crate::address::ServerAddress;
+use crate::clock::rfc3339;
+use crate::control::{Handler, RpcError, METHOD_NOT_FOUND};
+use crate::exit::{send_error_class, ExitClass};
+use crate::keys::{safety_number, safety_number_matches, IdentityKey};
+use crate::peer::agent::Agent;
+use crate::rendezvous::client::VerifiedAccount;
+use crate::store::{Contact, Direction, Store, StoreError, StoredMessage};
+use crate::username::Username;
+
+/// Default and largest `--limit` for history.
+pub const DEFAULT_HISTORY: usize = 20;
+pub const MAX_HISTORY: usize = 10_000;
+
+pub fn message_json(m: &StoredMessage) -> Value {
+    json!({
+        "id": hex::encode(m.id),
+        "peer": m.peer.as_str(),
+        "direction": match m.direction { Direction::In => "in", Direction::Out => "out" },
+        "body": m.body,
+        "sent_at": rfc3339(m.sent_at),
+        "stored_at": rfc3339(m.stored_at),
+        "state": m.state.as_str(),
+    })
+}
+
+pub fn contact_json(c: &Contact, online: Option<bool>) -> Value {
+    json!({
+        "username": c.username.as_str(),
+        "fingerprint": c.identity_key.fingerprint().to_string(),
+        "identity_key": c.identity_key.to_hex(),
+        "verified": c.verified,
+        "online": online,
+        "key_changed": c.changed_key.is_some(),
+        "last_seen": rfc3339(c.last_seen * 1000),
+    })
+}
+
+pub fn account_json(v: &VerifiedAccount) -> Value {
+    let key = &v.info.identity_key;
+    let mut out = json!({
+        "username": v.info.username.as_str(),
+        "fingerprint": key.fingerprint().to_string(),
+        "identity_key": key.to_hex(),
+        "noise_key": v.info.noise.noise_key.to_hex(),
+        "online": v.presence.is_some(),
+    });
+    if let Some(r) = &v.presence {
+        out["addrs"] = json!(r.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        out["cert_sha256"] = json!(hex::encode(r.cert_sha256));
+        out["seq"] = json!(r.seq);
+        out["issued_at"] = json!(r.issued_at);
+        out["expires_at"] = json!(r.expires_at);
+    }
+    out
+}
+
+pub fn history(store: &dyn Store, peer: Option<&Username>, limit: usize) -> Result<Vec<Value>, StoreError> {
+    Ok(store.last(peer, limit.min(MAX_HISTORY))?.iter().map(message_json).collect())
+}
+
+pub fn contacts(store: &dyn Store, online: Option<&[Username]>) -> Result<Vec<Value>, StoreError> {
+    let mut all = store.contacts()?;
+    all.sort_by(|a, b| a.username.cmp(&b.username));
+    Ok(all.iter().map(|c| contact_json(c, online.map(|o| o.contains(&c.username)))).collect())
+}
+
+/// The result of `contact verify`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verification {
+    /// No number given: the safety numbers to compare (pinned key, and a changed key).
+    Show { pinned: String, changed: Option<String>, verified: bool },
+    /// The number matched the pinned key.
+    Verified,
+    /// The number matched the changed key, which is now pinned and verified.
+    Repinned,
+}
+
+pub fn verify_contact(store: &dyn Store, me: &IdentityKey, user: &Username, number: Option<&str>) -> Result<Verification, RpcError> {
+    let failed = |e: StoreError| RpcError::new(ExitClass::Failure, e.to_string());
+    let mut contact = store
+        .contact(user)
+        .map_err(failed)?
+        .ok_or_else(|| RpcError::new(ExitClass::Usage, format!("{user} is not a contact yet: send them a message first")))?;
+    let Some(number) = number else {
+        return Ok(Verification::Show {
+            pinned: safety_number(me, &contact.identity_key),
+            changed: contact.changed_key.map(|k| safety_number(me, &k)),
+            verified: contact.verified,
+        });
+    };
+    let outcome = if safety_number_matches(number, me, &contact.identity_key) {
+        Verification::Verified
+    } else if contact.changed_key.is_some_and(|k| safety_number_matches(number, me, &k)) {
+        // The user compared the new key's number out of band: trust the new key.
+        contact.identity_key = contact.changed_key.take().unwrap_or(contact.identity_key);
+        contact.highest_seq = 0;
+        contact.last_handshake = 0;
+        Verification::Repinned
+    } else {
+        return Err(RpcError::new(
+            ExitClass::Untrusted,
+            format!("that safety number does not match {user}'s key; the contact stays unverified"),
+        ));
+    };
+    contact.verified = true;
+    contact.changed_key = None;
+    store.put_contact(&contact).map_err(failed)?;
+    Ok(outcome)
+}
+
+impl Verification {
+    pub fn to_json(&self, user: &Username) -> Value {
+        match self {
+            Verification::Show { pinned, changed, verified } => {
+                json!({ "username": user.as_str(), "safety_number": pinned, "changed_key_safety_number": changed, "verified": verified })
+            }
+            Verification::Verified => json!({ "username": user.as_str(), "verified": true, "repinned": false }),
+            Verification::Repinned => json!({ "username": user.as_str(), "verified": true, "repinned": true }),
+        }
+    }
+}
+
+/// Parses JSON-RPC params into the values the methods take.
+fn string_param<'a>(params: &'a Value, name: &str) -> Result<Option<&'a str>, RpcError> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(RpcError::params(format!("{name} must be a string"))),
+    }
+}
+
+fn user_param(params: &Value, name: &str) -> Result<Option<Username>, RpcError> {
+    string_param(params, name)?.map(|u| Username::parse(u).map_err(|e| RpcError::params(e.to_string()))).transpose()
+}
+
+fn required_user(params: &Value, name: &str) -> Result<Username, RpcError> {
+    user_param(params, name)?.ok_or_else(|| RpcError::params(format!("{name} is required")))
+}
+
+/// The control-socket methods of a running node.
+pub struct NodeMethods {
+    pub agent: Agent,
+    pub server: ServerAddress,
+}
+
+impl Handler for NodeMethods {
+    async fn call(&self, method: String, params: Value) -> Result<Value, RpcError> {
+        let store = self.agent.store().as_ref();
+        let failed = |e: StoreError| RpcError::new(ExitClass::Failure, e.to_string());
+        let node_failed = |e: crate::rendezvous::client::ClientError| RpcError::new(crate::exit::client_error_class(&e), e.to_string());
+        match method.as_str() {
+            "status" => Ok(json!({
+                "username": self.agent.username().as_str(),
+                "server": self.server.to_string(),
+                "fingerprint": self.agent.identity().public().fingerprint().to_string(),
+            })),
+            "send" => {
+                let to = required_user(&params, "to")?;
+                let body = string_param(&params, "body")?.ok_or_else(|| RpcError::params("body is required"))?;
+                let msg = self.agent.send(&to, body).await.map_err(|e| RpcError::new(send_error_class(&e), e.to_string()))?;
+                Ok(message_json(&msg))
+            }
+            "history" => {
+                let peer = user_param(&params, "peer")?;
+                let limit = match params.get("limit") {
+                    None | Some(Value::Null) => DEFAULT_HISTORY,
+                    Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| RpcError::params("limit must be a positive integer"))? as usize,
+                };
+                Ok(json!({ "messages": history(store, peer.as_ref(), limit).map_err(failed)? }))
+            }
+            "contacts" => {
+                let online = self.agent.online().await.ok();
+                Ok(json!({ "contacts": contacts(store, online.as_deref()).map_err(failed)? }))
+            }
+            "online" => {
+                let names = self.agent.online().await.map_err(node_failed)?;
+                Ok(json!({ "usernames": names.iter().map(|n| n.as_str()).collect::<Vec<_>>() }))
+            }
+            "lookup" => {
+                let user = required_user(&params, "user")?;
+                let verified = self.agent.lookup(&user).await.map_err(|e| RpcError::new(send_error_class(&e), e.to_string()))?;
+                Ok(account_json(&verified))
+            }
+            "contact.verify" => {
+                let user = required_user(&params, "user")?;
+                let number = string_param(&params, "safety_number")?;
+                Ok(verify_contact(store, &self.agent.identity().public(), &user, number)?.to_json(&user))
+            }
+            _ => Err(RpcError { code: METHOD_NOT_FOUND, message: format!("no method {method:?}"), exit: ExitClass::Usage }),
+        }
+    }
+}

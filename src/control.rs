@@ -1,0 +1,262 @@
+//! The local control socket: newline-delimited JSON-RPC 2.0 over a Unix socket (mode
+//! 0600, in a 0700 directory under the runtime dir), served by `sotto up` so that the
+//! profile's other commands use the running node instead of the locked database.
+//!
+//! Requests and responses are one JSON object per line, at most [`MAX_LINE`] bytes.
+//! Only the user who owns the process may connect (checked with `SO_PEERCRED`).
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::debug;
+
+use crate::exit::ExitClass;
+
+/// Longest request or response line.
+pub const MAX_LINE: usize = 1 << 20;
+
+pub const PARSE_ERROR: i64 = -32700;
+pub const INVALID_REQUEST: i64 = -32600;
+pub const METHOD_NOT_FOUND: i64 = -32601;
+pub const INVALID_PARAMS: i64 = -32602;
+/// Application errors; `data.exit` carries the exit class.
+pub const APP_ERROR: i64 = -32000;
+
+/// An error answer: a JSON-RPC code, a message, and the exit class of the failure.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    pub exit: ExitClass,
+}
+
+impl RpcError {
+    pub fn new(exit: ExitClass, message: impl Into<String>) -> Self {
+        Self { code: APP_ERROR, message: message.into(), exit }
+    }
+
+    pub fn params(message: impl Into<String>) -> Self {
+        Self { code: INVALID_PARAMS, message: message.into(), exit: ExitClass::Usage }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({ "code": self.code, "message": self.message, "data": { "exit": self.exit as u8 } })
+    }
+}
+
+/// What the socket serves.
+pub trait Handler: Send + Sync + 'static {
+    fn call(&self, method: String, params: Value) -> impl std::future::Future<Output = Result<Value, RpcError>> + Send;
+}
+
+/// `RUNTIME/sotto-<hash of the profile path>.sock`: short enough for `sun_path`, one
+/// per profile.
+pub fn socket_path(runtime_dir: &Path, home: &Path) -> PathBuf {
+    let canonical = home.canonicalize().unwrap_or_else(|_| home.to_path_buf());
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    runtime_dir.join(format!("sotto-{}.sock", hex::encode(&digest[..8])))
+}
+
+fn own_uid() -> io::Result<u32> {
+    Ok(std::fs::metadata("/proc/self")?.uid())
+}
+
+/// Binds the socket. Refuses if a live node already serves it; removes a stale file.
+pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, "another `sotto up` is already running for this profile"));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves connections until the listener fails or the task is dropped.
+pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
+    let uid = own_uid().ok();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { break };
+        let allowed = match (stream.peer_cred(), uid) {
+            (Ok(cred), Some(uid)) => cred.uid() == uid,
+            _ => false,
+        };
+        if !allowed {
+            debug!("refused a control connection from another user");
+            continue;
+        }
+        tokio::spawn(serve_connection(stream, handler.clone()));
+    }
+}
+
+async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut lines).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let response = if line.len() > MAX_LINE {
+            error_response(Value::Null, &RpcError { code: INVALID_REQUEST, message: "request too large".into(), exit: ExitClass::Usage })
+        } else {
+            answer(&*handler, &line).await
+        };
+        let Some(response) = response else { continue };
+        let mut out = response.to_string().into_bytes();
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() {
+            return;
+        }
+        if line.len() > MAX_LINE {
+            return;
+        }
+    }
+}
+
+fn error_response(id: Value, e: &RpcError) -> Option<Value> {
+    Some(json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() }))
+}
+
+/// Answers one request line; `None` for a notification (no id).
+async fn answer<H: Handler>(handler: &H, line: &[u8]) -> Option<Value> {
+    let request: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(_) => {
+            return error_response(Value::Null, &RpcError { code: PARSE_ERROR, message: "parse error".into(), exit: ExitClass::Usage })
+        }
+    };
+    let id = request.get("id").cloned();
+    let invalid = |msg: &str| {
+        error_response(id.clone().unwrap_or(Value::Null), &RpcError { code: INVALID_REQUEST, message: msg.into(), exit: ExitClass::Usage })
+    };
+    if request.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return invalid("not a JSON-RPC 2.0 request");
+    }
+    let Some(method) = request.get("method").and_then(Value::as_str) else { return invalid("no method") };
+    if id.as_ref().is_some_and(|i| !(i.is_number() || i.is_string() || i.is_null())) {
+        return invalid("id must be a number or a string");
+    }
+    let params = request.get("params").cloned().unwrap_or(Value::Object(Default::default()));
+    let result = handler.call(method.to_string(), params).await;
+    let id = id?;
+    Some(match result {
+        Ok(value) => json!({ "jsonrpc": "2.0", "id": id, "result": value }),
+        Err(e) => json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() }),
+    })
+}
+
+/// A client of a running node's control socket.
+pub struct ControlClient {
+    lines: BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    next_id: u64,
+}
+
+impl ControlClient {
+    /// Connects if a node is running for this socket; `None` if none is.
+    pub async fn connect(path: &Path) -> Option<ControlClient> {
+        let stream = UnixStream::connect(path).await.ok()?;
+        let (read, write) = stream.into_split();
+        Some(ControlClient { lines: BufReader::new(read), write, next_id: 1 })
+    }
+
+    pub async fn call(&mut self, method: &str, params: Value) -> Result<Value, RpcError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut out = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }).to_string().into_bytes();
+        out.push(b'\n');
+        let lost = |_| RpcError::new(ExitClass::Failure, "lost the connection to the running sotto node");
+        self.write.write_all(&out).await.map_err(lost)?;
+        let mut line = Vec::new();
+        let n = (&mut self.lines).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await.map_err(lost)?;
+        if n == 0 || line.len() > MAX_LINE {
+            return Err(RpcError::new(ExitClass::Failure, "the running sotto node closed the control connection"));
+        }
+        let response: Value = serde_json::from_slice(&line)
+            .map_err(|_| RpcError::new(ExitClass::Failure, "unreadable answer from the running sotto node"))?;
+        if let Some(error) = response.get("error") {
+            let exit =
+                error.pointer("/data/exit").and_then(Value::as_u64).map(|c| ExitClass::from_code(c as u8)).unwrap_or(ExitClass::Failure);
+            let message = error.get("message").and_then(Value::as_str).unwrap_or("error").to_string();
+            let code = error.get("code").and_then(Value::as_i64).unwrap_or(APP_ERROR);
+            return Err(RpcError { code, message, exit });
+        }
+        Ok(response.get("result").cloned().unwrap_or(Value::Null))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl Handler for Echo {
+        async fn call(&self, method: String, params: Value) -> Result<Value, RpcError> {
+            match method.as_str() {
+                "echo" => Ok(params),
+                "fail" => Err(RpcError::new(ExitClass::Unreachable, "bob is offline")),
+                _ => Err(RpcError { code: METHOD_NOT_FOUND, message: "no such method".into(), exit: ExitClass::Usage }),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_errors_and_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), Path::new("/some/profile"));
+        let listener = bind(&path).await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        tokio::spawn(serve(listener, Arc::new(Echo)));
+
+        let mut client = ControlClient::connect(&path).await.unwrap();
+        assert_eq!(client.call("echo", json!({"a": 1})).await.unwrap(), json!({"a": 1}));
+        let e = client.call("fail", json!({})).await.unwrap_err();
+        assert_eq!((e.code, e.exit, e.message.as_str()), (APP_ERROR, ExitClass::Unreachable, "bob is offline"));
+        assert_eq!(client.call("nope", json!({})).await.unwrap_err().code, METHOD_NOT_FOUND);
+
+        // Raw garbage, a wrong version, an oversized line: answered, connection stays usable
+        // (except after the oversized line, which closes it).
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(b"{not json\n").await.unwrap();
+        let v: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], PARSE_ERROR);
+        write.write_all(b"{\"jsonrpc\":\"1.0\",\"id\":3,\"method\":\"echo\"}\n").await.unwrap();
+        let v: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(3), json!(INVALID_REQUEST)));
+        write.write_all(&vec![b'x'; MAX_LINE + 10]).await.unwrap();
+        let v: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(v["error"]["message"], "request too large");
+    }
+
+    #[tokio::test]
+    async fn second_server_is_refused_and_stale_socket_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("s.sock");
+        let listener = bind(&path).await.unwrap();
+        assert_eq!(bind(&path).await.unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        drop(listener);
+        assert!(bind(&path).await.is_ok(), "a stale socket file is replaced");
+        assert_eq!(std::fs::metadata(dir.path().join("run")).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+}
