@@ -150,9 +150,6 @@ fn derive_key(passphrase: &[u8], header: &Header) -> Result<Zeroizing<[u8; 32]>,
 
 /// Encrypts an identity under `passphrase` with fresh salt and nonce.
 pub fn seal(identity: &Identity, passphrase: &[u8], kdf: KdfParams) -> Result<Vec<u8>, IdFileError> {
-    if passphrase.is_empty() {
-        return Err(IdFileError::EmptyPassphrase);
-    }
     let mut header = Header {
         kdf,
         salt: [0; 16],
@@ -166,7 +163,12 @@ pub fn seal(identity: &Identity, passphrase: &[u8], kdf: KdfParams) -> Result<Ve
 }
 
 /// Encrypts with a given header; the test vectors use it with fixed salt and nonce.
+/// Salt and nonce must be fresh for every real file: use [`seal`]. The header's public
+/// keys are written as given (a vector uses this to make an inconsistent file).
 pub fn seal_with(identity: &Identity, passphrase: &[u8], header: &Header) -> Result<Vec<u8>, IdFileError> {
+    if passphrase.is_empty() {
+        return Err(IdFileError::EmptyPassphrase);
+    }
     let key = derive_key(passphrase, header)?;
     let aad = header.encode();
     let mut plaintext = Zeroizing::new([0u8; 64]);

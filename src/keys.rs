@@ -27,9 +27,16 @@ pub enum KeyError {
     BadSignature,
 }
 
-/// An Ed25519 public identity key: who a user is.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// An Ed25519 public identity key: who a user is. Always a valid curve point: decoding
+/// checks it like [`IdentityKey::from_bytes`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct IdentityKey([u8; 32]);
+
+impl<'de> serde::Deserialize<'de> for IdentityKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        IdentityKey::from_bytes(<[u8; 32]>::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
 
 impl IdentityKey {
     /// Parses 32 bytes, refusing encodings that are not a valid curve point.

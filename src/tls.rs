@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,19 +44,40 @@ impl CertKey {
         Ok(Self { cert: certified.cert.der().clone(), key: PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()) })
     }
 
-    /// Loads `cert.der` and `key.der` from `dir`, or makes and saves them (key mode 0600).
+    /// Loads `cert.der` and `key.der` from `dir`, or makes and saves both (key mode
+    /// 0600). Refuses a key readable by others and a directory holding only one half.
     pub fn load_or_create(dir: &Path, name: &str) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let (cert_path, key_path) = (dir.join("cert.der"), dir.join("key.der"));
-        if key_path.exists() {
-            let cert = fs::read(&cert_path)?;
-            let key = fs::read(&key_path)?;
-            return Ok(Self { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) });
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => {
+                let mode = fs::metadata(&key_path)?.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("{} is readable by other users (mode {mode:o}); run `chmod 600` on it", key_path.display()),
+                    ));
+                }
+                let cert = fs::read(&cert_path)?;
+                let key = fs::read(&key_path)?;
+                Ok(Self { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) })
+            }
+            (false, false) => {
+                let fresh = Self::generate(name).map_err(io::Error::other)?;
+                // The key first: a crash in between leaves a key without a certificate,
+                // which the next start reports instead of pairing it with a new key.
+                write_new(&key_path, fresh.key.secret_pkcs8_der(), 0o600)?;
+                write_new(&cert_path, fresh.cert.as_ref(), 0o644)?;
+                Ok(fresh)
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds only one of cert.der and key.der; restore the missing one, or remove both to make a new certificate",
+                    dir.display()
+                ),
+            )),
         }
-        let fresh = Self::generate(name).map_err(io::Error::other)?;
-        write_new(&key_path, fresh.key.secret_pkcs8_der(), 0o600)?;
-        write_new(&cert_path, fresh.cert.as_ref(), 0o644)?;
-        Ok(fresh)
     }
 
     pub fn sha256(&self) -> [u8; 32] {
@@ -188,4 +209,21 @@ pub fn channel_binding(conn: &quinn::Connection, label: &[u8]) -> Option<[u8; 32
 /// The ALPN protocol the connection agreed on, if any.
 pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_is_made_once_and_half_pairs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = CertKey::load_or_create(dir.path(), "t").unwrap();
+        assert_eq!(fs::metadata(dir.path().join("key.der")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(CertKey::load_or_create(dir.path(), "t").unwrap().sha256(), first.sha256());
+        fs::set_permissions(dir.path().join("key.der"), fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(CertKey::load_or_create(dir.path(), "t").unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        fs::remove_file(dir.path().join("cert.der")).unwrap();
+        assert_eq!(CertKey::load_or_create(dir.path(), "t").unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
 }

@@ -99,6 +99,8 @@ pub enum HashError {
     Busy,
     #[error("password hashing failed")]
     Failed,
+    #[error("argon2 refuses these password-hash cost parameters")]
+    BadCost,
 }
 
 /// Argon2id cost for stored passwords.
@@ -113,10 +115,10 @@ impl PasswordCost {
     /// OWASP's argon2id recommendation: 19 MiB, 2 iterations, 1 lane.
     pub const OWASP: PasswordCost = PasswordCost { memory_kib: 19_456, iterations: 2, parallelism: 1 };
 
-    fn argon2(&self) -> Argon2<'static> {
-        // The constants above and any caller's values are checked by Params::new.
-        let params = Params::new(self.memory_kib, self.iterations, self.parallelism, None).unwrap_or_default();
-        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+    /// The hasher for these parameters; `None` if argon2 refuses them.
+    fn argon2(&self) -> Option<Argon2<'static>> {
+        let params = Params::new(self.memory_kib, self.iterations, self.parallelism, None).ok()?;
+        Some(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
     }
 }
 
@@ -132,11 +134,13 @@ pub struct PasswordHasher {
 }
 
 impl PasswordHasher {
-    pub fn new(cost: PasswordCost, workers: usize, max_queued: usize) -> Self {
+    /// Refuses cost parameters argon2 does not accept.
+    pub fn new(cost: PasswordCost, workers: usize, max_queued: usize) -> Result<Self, HashError> {
         let random: [u8; 16] = rand::random();
         let salt = SaltString::generate(&mut OsRng);
-        let dummy_phc = cost.argon2().hash_password(&random, &salt).map(|h| h.to_string()).unwrap_or_default();
-        Self { cost, permits: Arc::new(Semaphore::new(workers.max(1))), queued: AtomicUsize::new(0), max_queued, dummy_phc }
+        let argon2 = cost.argon2().ok_or(HashError::BadCost)?;
+        let dummy_phc = argon2.hash_password(&random, &salt).map_err(|_| HashError::BadCost)?.to_string();
+        Ok(Self { cost, permits: Arc::new(Semaphore::new(workers.max(1))), queued: AtomicUsize::new(0), max_queued, dummy_phc })
     }
 
     async fn run<T: Send + 'static>(&self, job: impl FnOnce(Argon2<'static>) -> T + Send + 'static) -> Result<T, HashError> {
@@ -146,7 +150,7 @@ impl PasswordHasher {
         }
         let result = async {
             let _permit = self.permits.acquire().await.map_err(|_| HashError::Failed)?;
-            let argon2 = self.cost.argon2();
+            let argon2 = self.cost.argon2().ok_or(HashError::BadCost)?;
             tokio::task::spawn_blocking(move || job(argon2)).await.map_err(|_| HashError::Failed)
         }
         .await;
@@ -184,7 +188,7 @@ mod tests {
 
     #[tokio::test]
     async fn hash_verify_and_dummy() {
-        let h = PasswordHasher::new(CHEAP, 1, 4);
+        let h = PasswordHasher::new(CHEAP, 1, 4).unwrap();
         let phc = h.hash(Zeroizing::new("hunter22".into())).await.unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=64,t=1,p=1$"));
         assert!(h.verify(Zeroizing::new("hunter22".into()), Some(phc.clone())).await.unwrap());
@@ -193,15 +197,21 @@ mod tests {
     }
 
     #[test]
+    fn invalid_cost_is_refused_not_replaced() {
+        let bad = PasswordCost { memory_kib: 1, iterations: 0, parallelism: 1 };
+        assert_eq!(PasswordHasher::new(bad, 1, 1).err(), Some(HashError::BadCost));
+    }
+
+    #[test]
     fn default_cost_is_owasp() {
         let salt = SaltString::generate(&mut OsRng);
-        let phc = PasswordCost::OWASP.argon2().hash_password(b"x", &salt).unwrap().to_string();
+        let phc = PasswordCost::OWASP.argon2().unwrap().hash_password(b"x", &salt).unwrap().to_string();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
     }
 
     #[tokio::test]
     async fn queue_is_bounded() {
-        let h = Arc::new(PasswordHasher::new(PasswordCost { memory_kib: 8192, iterations: 4, parallelism: 1 }, 1, 2));
+        let h = Arc::new(PasswordHasher::new(PasswordCost { memory_kib: 8192, iterations: 4, parallelism: 1 }, 1, 2).unwrap());
         let jobs: Vec<_> = (0..8)
             .map(|_| {
                 let h = h.clone();

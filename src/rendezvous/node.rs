@@ -47,6 +47,8 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("password hashing: {0}")]
+    PasswordCost(#[from] HashError),
 }
 
 /// How to run a node.
@@ -116,7 +118,7 @@ impl Node {
         let address = ServerAddress { host, port: local.port(), cert_sha256: cert.sha256() };
         let shared = Arc::new(Shared {
             accounts,
-            hasher: PasswordHasher::new(config.password_cost, config.hash_workers, config.hash_queue),
+            hasher: PasswordHasher::new(config.password_cost, config.hash_workers, config.hash_queue)?,
             directory: Mutex::new(Directory::new(config.freshness)),
             limits: Mutex::new(LoginLimits::new(LoginLimits::ACCOUNT, LoginLimits::ADDRESS, 100_000)),
             next_conn: AtomicU64::new(1),
@@ -283,7 +285,7 @@ fn store_failed(e: StoreError) -> Refusal {
 fn hash_failed(e: HashError) -> Refusal {
     match e {
         HashError::Busy => Refusal::Busy,
-        HashError::Failed => Refusal::Internal,
+        HashError::Failed | HashError::BadCost => Refusal::Internal,
     }
 }
 
