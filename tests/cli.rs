@@ -39,12 +39,7 @@ fn register_go_online_be_seen_go_offline() {
 #[test]
 fn killed_up_disappears_when_its_connection_dies() {
     let root = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(&root.path().join("node"));
-    let (alice, bob) = (User::new(root.path(), "alice"), User::new(root.path(), "bob"));
-    alice.id_new();
-    bob.id_new();
-    alice.register(&node.address);
-    bob.register(&node.address);
+    let (_node, alice, bob) = node_and_users(root.path());
     let mut up = bob.up();
     up.0.kill().unwrap();
     up.0.wait().unwrap();
@@ -56,12 +51,7 @@ fn killed_up_disappears_when_its_connection_dies() {
 #[test]
 fn login_from_a_second_profile_binds_the_new_key() {
     let root = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(&root.path().join("node"));
-    let (alice, bob) = (User::new(root.path(), "alice"), User::new(root.path(), "bob"));
-    alice.id_new();
-    bob.id_new();
-    alice.register(&node.address);
-    bob.register(&node.address);
+    let (node, alice, bob) = node_and_users(root.path());
 
     // alice on a second device: a new profile, the same account password.
     let laptop = User {

@@ -11,21 +11,10 @@ fn lines(text: &str) -> Vec<Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"))).collect()
 }
 
-/// A node and two registered users.
-fn setup(root: &std::path::Path) -> (NodeProcess, User, User) {
-    let node = NodeProcess::start(&root.join("node"));
-    let (alice, bob) = (User::new(root, "alice"), User::new(root, "bob"));
-    for u in [&alice, &bob] {
-        u.id_new();
-        u.register(&node.address);
-    }
-    (node, alice, bob)
-}
-
 #[test]
 fn message_each_way_with_delivery_and_history() {
     let root = tempfile::tempdir().unwrap();
-    let (_node, alice, bob) = setup(root.path());
+    let (_node, alice, bob) = node_and_users(root.path());
     let _bob_up = bob.up();
 
     let out = alice.ok(&["send", "bob", "hello bob"]);
@@ -72,7 +61,7 @@ fn message_each_way_with_delivery_and_history() {
 #[test]
 fn running_node_prints_incoming_messages_as_json() {
     let root = tempfile::tempdir().unwrap();
-    let (_node, alice, bob) = setup(root.path());
+    let (_node, alice, bob) = node_and_users(root.path());
     let mut up = bob.cmd(&["up", "--json"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut reader = std::io::BufReader::new(up.stdout.take().unwrap());
     let mut line = String::new();
@@ -94,7 +83,7 @@ fn running_node_prints_incoming_messages_as_json() {
 #[test]
 fn sending_to_an_offline_user_fails_cleanly_and_keeps_the_message() {
     let root = tempfile::tempdir().unwrap();
-    let (_node, alice, _bob) = setup(root.path());
+    let (_node, alice, _bob) = node_and_users(root.path());
     let out = run(&mut alice.cmd(&["send", "bob", "are you there?"]));
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("bob is not online"), "{}", stderr(&out));
@@ -114,7 +103,7 @@ fn sending_to_an_offline_user_fails_cleanly_and_keeps_the_message() {
 #[test]
 fn a_pinned_contact_whose_key_changed_is_refused_until_verified() {
     let root = tempfile::tempdir().unwrap();
-    let (node, alice, bob) = setup(root.path());
+    let (node, alice, bob) = node_and_users(root.path());
     {
         let _bob_up = bob.up();
         alice.ok(&["send", "bob", "first contact pins bob's key"]);
@@ -158,7 +147,7 @@ fn a_pinned_contact_whose_key_changed_is_refused_until_verified() {
 #[test]
 fn safety_numbers_match_on_both_sides_and_verify() {
     let root = tempfile::tempdir().unwrap();
-    let (_node, alice, bob) = setup(root.path());
+    let (_node, alice, bob) = node_and_users(root.path());
     let _bob_up = bob.up();
     alice.ok(&["send", "bob", "hi"]);
     let a: Value = serde_json::from_str(&alice.ok(&["contact", "verify", "bob", "--json"])).unwrap();
@@ -172,7 +161,7 @@ fn safety_numbers_match_on_both_sides_and_verify() {
 #[test]
 fn second_up_for_the_same_profile_is_refused() {
     let root = tempfile::tempdir().unwrap();
-    let (_node, _alice, bob) = setup(root.path());
+    let (_node, _alice, bob) = node_and_users(root.path());
     let _up = bob.up();
     let mut second = bob.cmd(&["up"]);
     let out = second.output().unwrap();

@@ -19,13 +19,10 @@ use sotto::online::{self, Event, Presence};
 use sotto::peer::agent::{Agent, AgentConfig, AgentEvent};
 use sotto::peer::session::MAX_BODY;
 use sotto::profile::Profile;
-use sotto::rendezvous::client::{verify_lookup, RendezvousClient};
+use sotto::rendezvous::client::{verify_lookup, RendezvousClient, LOOKUP_SKEW};
 use sotto::store::{SledStore, Store};
 use sotto::tls::CertKey;
 use sotto::username::Username;
-
-/// Clock difference allowed when checking a looked-up record.
-const LOOKUP_SKEW: u64 = 60;
 
 /// The profile's peer certificate (made on first use).
 fn peer_cert(profile: &Profile) -> Result<CertKey> {

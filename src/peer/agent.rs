@@ -20,7 +20,7 @@ use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
 use crate::presence::PresenceRecord;
-use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount};
+use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, LOOKUP_SKEW};
 use crate::rendezvous::proto::Refusal;
 use crate::store::{Contact, Direction, State, Store, StoreError, StoredMessage};
 use crate::tls::{self, CertKey};
@@ -32,8 +32,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest preamble frame.
 const MAX_PREAMBLE: usize = 128;
-/// Clock difference allowed when checking a looked-up presence record.
-const LOOKUP_SKEW: u64 = 60;
 /// Outgoing messages queued per session before senders wait.
 const SESSION_QUEUE: usize = 64;
 

@@ -195,6 +195,9 @@ impl RendezvousClient {
     }
 }
 
+/// Clock difference a client allows when it checks a looked-up presence record.
+pub const LOOKUP_SKEW: u64 = 60;
+
 /// A looked-up account after the client's own checks.
 #[derive(Clone, Debug)]
 pub struct VerifiedAccount {

@@ -173,3 +173,14 @@ impl Drop for Running {
         }
     }
 }
+
+/// A node and two users, alice and bob, each with an identity and an account.
+pub fn node_and_users(root: &Path) -> (NodeProcess, User, User) {
+    let node = NodeProcess::start(&root.join("node"));
+    let (alice, bob) = (User::new(root, "alice"), User::new(root, "bob"));
+    for u in [&alice, &bob] {
+        u.id_new();
+        u.register(&node.address);
+    }
+    (node, alice, bob)
+}
