@@ -19,6 +19,27 @@ use crate::username::Username;
 pub const DEFAULT_HISTORY: usize = 20;
 pub const MAX_HISTORY: usize = 10_000;
 
+/// Text from a peer made safe for a terminal: control characters (escape sequences
+/// among them) and bidirectional overrides are shown as `\u{..}` escapes, and a line
+/// break continues on an indented line, so a message cannot draw over the screen or
+/// pass itself off as another line of output.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\n    "),
+            '\t' => out.push('\t'),
+            c if c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 pub fn message_json(m: &StoredMessage) -> Value {
     json!({
         "id": hex::encode(m.id),
@@ -196,5 +217,20 @@ impl Handler for NodeMethods {
             }
             _ => Err(RpcError { code: METHOD_NOT_FOUND, message: format!("no method {method:?}"), exit: ExitClass::Usage }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_neutralises_terminal_tricks() {
+        assert_eq!(printable("hi there"), "hi there");
+        assert_eq!(printable("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("x\n[12:00:00] carol: hi"), "x\n    [12:00:00] carol: hi");
+        assert_eq!(printable("\u{202e}abc"), "\\u{202e}abc");
+        assert_eq!(printable("\u{9b}31m"), "\\u{9b}31m");
+        assert_eq!(printable("héllo ✓"), "héllo ✓");
     }
 }

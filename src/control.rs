@@ -6,7 +6,7 @@
 //! Only the user who owns the process may connect (checked with `SO_PEERCRED`).
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,6 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::debug;
 
 use crate::exit::ExitClass;
+use crate::profile::private_dir;
 
 /// Longest request or response line.
 pub const MAX_LINE: usize = 1 << 20;
@@ -57,26 +58,30 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// `RUNTIME/sotto-<hash of the profile path>.sock`: short enough for `sun_path`, one
-/// per profile.
+/// per profile. `RUNTIME` must be a directory of this user's alone (see [`private_dir`]).
 pub fn socket_path(runtime_dir: &Path, home: &Path) -> PathBuf {
     let canonical = home.canonicalize().unwrap_or_else(|_| home.to_path_buf());
     let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
     runtime_dir.join(format!("sotto-{}.sock", hex::encode(&digest[..8])))
 }
 
-fn own_uid() -> io::Result<u32> {
-    Ok(std::fs::metadata("/proc/self")?.uid())
+/// The effective uid of this process.
+pub fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Binds the socket. Refuses if a live node already serves it; removes a stale file.
 pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        private_dir(dir, false)?;
     }
     if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
+        let live = UnixStream::connect(path).await.ok().and_then(|s| s.peer_cred().ok()).map(|c| c.uid());
+        if live == Some(own_uid()) {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, "another `sotto up` is already running for this profile"));
         }
+        // Stale, or someone else's: the directory is ours, so the name is too.
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
@@ -86,13 +91,18 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
 
 /// Serves connections until the listener fails or the task is dropped.
 pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
-    let uid = own_uid().ok();
+    let uid = own_uid();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { break };
-        let allowed = match (stream.peer_cred(), uid) {
-            (Ok(cred), Some(uid)) => cred.uid() == uid,
-            _ => false,
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait and go on rather than stop serving.
+                debug!(error = %e, "control socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
+        let allowed = stream.peer_cred().is_ok_and(|cred| cred.uid() == uid);
         if !allowed {
             debug!("refused a control connection from another user");
             continue;
@@ -171,9 +181,14 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// Connects if a node is running for this socket; `None` if none is.
+    /// Connects if a node is running for this socket; `None` if none is. A socket in a
+    /// directory that is not ours, or served by another user, is never talked to.
     pub async fn connect(path: &Path) -> Option<ControlClient> {
+        private_dir(path.parent()?, false).ok()?;
         let stream = UnixStream::connect(path).await.ok()?;
+        if !stream.peer_cred().is_ok_and(|cred| cred.uid() == own_uid()) {
+            return None;
+        }
         let (read, write) = stream.into_split();
         Some(ControlClient { lines: BufReader::new(read), write, next_id: 1 })
     }
@@ -222,7 +237,7 @@ mod tests {
     #[tokio::test]
     async fn round_trip_errors_and_bad_input() {
         let dir = tempfile::tempdir().unwrap();
-        let path = socket_path(dir.path(), Path::new("/some/profile"));
+        let path = socket_path(&dir.path().join("run"), Path::new("/some/profile"));
         let listener = bind(&path).await.unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         tokio::spawn(serve(listener, Arc::new(Echo)));
@@ -258,5 +273,19 @@ mod tests {
         drop(listener);
         assert!(bind(&path).await.is_ok(), "a stale socket file is replaced");
         assert_eq!(std::fs::metadata(dir.path().join("run")).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn the_socket_directory_is_closed_and_never_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let loose = dir.path().join("loose");
+        std::fs::create_dir(&loose).unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let _listener = bind(&loose.join("s.sock")).await.unwrap();
+        assert_eq!(std::fs::metadata(&loose).unwrap().permissions().mode() & 0o777, 0o700, "narrowed to 0700");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&loose, &link).unwrap();
+        assert_eq!(bind(&link.join("t.sock")).await.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        assert!(ControlClient::connect(&link.join("s.sock")).await.is_none(), "never talks through a symlinked directory");
     }
 }

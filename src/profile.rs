@@ -8,7 +8,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -46,14 +46,34 @@ pub struct Profile {
     home: PathBuf,
 }
 
+/// Creates `dir` (mode 0700) or, if it exists and is ours, narrows it to 0700. Refuses a
+/// directory owned by another user, a path that is not a directory, and (unless
+/// `follow_symlink`) a symbolic link: in a shared place such as /tmp, a directory
+/// someone else made first is never used.
+pub fn private_dir(dir: &Path, follow_symlink: bool) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = if follow_symlink { fs::metadata(dir)? } else { fs::symlink_metadata(dir)? };
+    let refuse = |why: &str| Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{}: {why}; refusing to use it", dir.display())));
+    if !meta.is_dir() {
+        return refuse("not a directory");
+    }
+    if meta.uid() != crate::control::own_uid() {
+        return refuse("owned by another user");
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ProfileError + '_ {
     move |source| ProfileError::Io { path: path.to_path_buf(), source }
 }
 
 impl Profile {
-    /// Opens (creating, mode 0700) the profile directory.
+    /// Opens (creating) the profile directory and makes sure it is ours and 0700.
     pub fn open(home: &Path) -> Result<Self, ProfileError> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(home).map_err(io_err(home))?;
+        private_dir(home, true).map_err(io_err(home))?;
         Ok(Self { home: home.to_path_buf() })
     }
 

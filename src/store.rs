@@ -117,6 +117,10 @@ pub trait Store: Send + Sync {
     fn last(&self, peer: Option<&Username>, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
     fn contact(&self, user: &Username) -> Result<Option<Contact>, StoreError>;
     fn put_contact(&self, contact: &Contact) -> Result<(), StoreError>;
+    /// Atomically replaces `user`'s contact with `f(current)` (`None` keeps it absent or
+    /// unchanged); `f` may run more than once under contention. Durable when it returns.
+    fn update_contact(&self, user: &Username, f: &mut dyn FnMut(Option<Contact>) -> Option<Contact>)
+        -> Result<Option<Contact>, StoreError>;
     fn contacts(&self) -> Result<Vec<Contact>, StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -252,6 +256,22 @@ impl Store for SledStore {
         self.contacts.insert(contact.username.as_str(), encode(contact))?;
         self.db.flush()?;
         Ok(())
+    }
+
+    fn update_contact(
+        &self,
+        user: &Username,
+        f: &mut dyn FnMut(Option<Contact>) -> Option<Contact>,
+    ) -> Result<Option<Contact>, StoreError> {
+        loop {
+            let old = self.contacts.get(user.as_str())?;
+            let current = old.as_ref().map(|b| decode::<Contact>(b, "contact")).transpose()?;
+            let Some(new) = f(current.clone()) else { return Ok(current) };
+            if self.contacts.compare_and_swap(user.as_str(), old, Some(encode(&new)))?.is_ok() {
+                self.db.flush()?;
+                return Ok(Some(new));
+            }
+        }
     }
 
     fn contacts(&self) -> Result<Vec<Contact>, StoreError> {

@@ -107,7 +107,7 @@ async fn print_events(mut events: tokio::sync::broadcast::Receiver<AgentEvent>, 
                 v["event"] = json!("message");
                 say(v);
             }
-            AgentEvent::Received(m) => say(format!("[{}] {}: {}", clock_of(m.stored_at), m.peer, m.body)),
+            AgentEvent::Received(m) => say(format!("[{}] {}: {}", clock_of(m.stored_at), m.peer, app::printable(&m.body))),
             AgentEvent::KeyChanged { peer, pinned, presented } => {
                 if json {
                     say(
@@ -177,14 +177,15 @@ fn print_messages(messages: &[Value], json: bool) {
             continue;
         }
         let arrow = if m["direction"] == "out" { "→" } else { "←" };
-        let at = m["sent_at"].as_str().unwrap_or("");
+        // This machine's clock: a sender's own `sent_at` is theirs to set.
+        let at = m["stored_at"].as_str().unwrap_or("");
         let when = at.get(..19).unwrap_or(at).replace('T', " ");
         let state = m["state"].as_str().unwrap_or("");
         let mark = match state {
             "received" | "delivered" => String::new(),
             other => format!("  [{other}]"),
         };
-        say(format!("{when} {arrow} {}  {}{mark}", m["peer"].as_str().unwrap_or(""), m["body"].as_str().unwrap_or("")));
+        say(format!("{when} {arrow} {}  {}{mark}", m["peer"].as_str().unwrap_or(""), app::printable(m["body"].as_str().unwrap_or(""))));
     }
 }
 

@@ -157,15 +157,12 @@ pub fn init_logging(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
-/// Where the control socket lives: `$XDG_RUNTIME_DIR`, or a per-user directory in /tmp.
+/// Where control sockets live: `$XDG_RUNTIME_DIR/sotto`, or a per-user directory in /tmp
+/// (created 0700, and refused if someone else owns it).
 fn runtime_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => {
-            use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
-            std::env::temp_dir().join(format!("sotto-{uid}"))
-        }
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("sotto"),
+        _ => std::env::temp_dir().join(format!("sotto-{}", sotto::control::own_uid())),
     }
 }
 

@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::RngCore;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::session::{Answer, Dial, PeerMessage, SessionError, Transport, ALPN, MAX_BODY, MAX_NOISE_MESSAGE};
+use super::session::{Answer, Dial, PeerMessage, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE, MAX_NOISE_MESSAGE};
 use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
@@ -34,6 +34,10 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PREAMBLE: usize = 128;
 /// Outgoing messages queued per session before senders wait.
 const SESSION_QUEUE: usize = 64;
+/// Time a peer has to take one frame off our hands.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Incoming handshakes in progress at once; more are refused until some finish.
+const MAX_HANDSHAKES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -247,17 +251,24 @@ impl Agent {
         let verified =
             verify_lookup(info, unix_now(), LOOKUP_SKEW).map_err(|e| SendError::Untrusted { user: user.clone(), reason: e.to_string() })?;
         let seq = verified.presence.as_ref().map(|r| r.seq);
-        let contact = check_trust(&self.inner, user, &verified.info.identity_key, &verified.info.noise)?;
+        check_trust(&self.inner, user, &verified.info.identity_key, &verified.info.noise)?;
         if let Some(seq) = seq {
-            if seq < contact.highest_seq {
+            let mut stale = false;
+            self.inner.store.update_contact(user, &mut |current| {
+                let mut c = current?;
+                stale = seq < c.highest_seq;
+                if stale {
+                    return None;
+                }
+                c.highest_seq = seq;
+                Some(c)
+            })?;
+            if stale {
                 return Err(SendError::Untrusted {
                     user: user.clone(),
                     reason: "an older presence record than one already seen (replayed)".into(),
                 });
             }
-            let mut contact = contact;
-            contact.highest_seq = seq;
-            self.inner.store.put_contact(&contact)?;
         }
         Ok(verified)
     }
@@ -329,54 +340,72 @@ async fn node_client(inner: &Inner) -> Result<Arc<RendezvousClient>, ClientError
     Ok(node)
 }
 
-/// TOFU: pins a first-seen key, refreshes a matching one, refuses a changed one.
+/// TOFU: pins a first-seen key, refreshes a matching one, refuses a changed one (and
+/// records it for `contact verify`). One atomic update of the contact.
 fn check_trust(inner: &Inner, user: &Username, key: &IdentityKey, noise: &NoiseBinding) -> Result<Contact, SendError> {
     let now = unix_now();
-    match inner.store.contact(user)? {
-        None => {
-            let contact = Contact {
-                username: user.clone(),
-                identity_key: *key,
-                noise: *noise,
-                verified: false,
-                first_seen: now,
-                last_seen: now,
-                highest_seq: 0,
-                last_handshake: 0,
-                changed_key: None,
-            };
-            inner.store.put_contact(&contact)?;
-            info!(peer = %user, "pinned identity key on first contact");
-            Ok(contact)
-        }
-        Some(mut contact) if contact.identity_key.ct_eq(key) => {
-            contact.noise = *noise;
-            contact.last_seen = now;
-            inner.store.put_contact(&contact)?;
-            Ok(contact)
-        }
-        Some(mut contact) => {
-            warn!(peer = %user, "identity key changed; refusing until verified");
-            contact.changed_key = Some(*key);
-            inner.store.put_contact(&contact)?;
-            let _ = inner.events.send(AgentEvent::KeyChanged { peer: user.clone(), pinned: contact.identity_key, presented: *key });
-            Err(SendError::KeyChanged {
-                user: user.clone(),
-                pinned: contact.identity_key.fingerprint().to_string(),
-                presented: key.fingerprint().to_string(),
-            })
-        }
+    let (mut created, mut changed_from) = (false, None);
+    let contact = inner.store.update_contact(user, &mut |current| {
+        (created, changed_from) = (false, None);
+        Some(match current {
+            None => {
+                created = true;
+                Contact {
+                    username: user.clone(),
+                    identity_key: *key,
+                    noise: *noise,
+                    verified: false,
+                    first_seen: now,
+                    last_seen: now,
+                    highest_seq: 0,
+                    last_handshake: 0,
+                    changed_key: None,
+                }
+            }
+            Some(mut c) if c.identity_key.ct_eq(key) => {
+                c.noise = *noise;
+                c.last_seen = now;
+                c
+            }
+            Some(mut c) => {
+                changed_from = Some(c.identity_key);
+                c.changed_key = Some(*key);
+                c
+            }
+        })
+    })?;
+    let contact = contact.ok_or(StoreError::Corrupt("contact update"))?;
+    if let Some(pinned) = changed_from {
+        warn!(peer = %user, "identity key changed; refusing until verified");
+        let _ = inner.events.send(AgentEvent::KeyChanged { peer: user.clone(), pinned, presented: *key });
+        return Err(SendError::KeyChanged {
+            user: user.clone(),
+            pinned: pinned.fingerprint().to_string(),
+            presented: key.fingerprint().to_string(),
+        });
     }
+    if created {
+        info!(peer = %user, "pinned identity key on first contact");
+    }
+    Ok(contact)
 }
 
-/// Queues one message on a session and waits for its ack.
+/// Queues one message on a session and waits for its ack, all within [`ACK_TIMEOUT`].
 async fn push(session: &SessionHandle, message: PeerMessage, id: [u8; 16]) -> Result<(), String> {
     let (acked, ack) = oneshot::channel();
-    session.outgoing.send(Outgoing { message, id, acked }).await.map_err(|_| "session closed".to_string())?;
-    match tokio::time::timeout(ACK_TIMEOUT, ack).await {
+    let attempt = async {
+        session.outgoing.send(Outgoing { message, id, acked }).await.map_err(|_| "session closed".to_string())?;
+        ack.await.map_err(|_| "session closed before the acknowledgement".to_string())
+    };
+    tokio::time::timeout(ACK_TIMEOUT, attempt).await.map_err(|_| "no acknowledgement in time".to_string())?
+}
+
+/// Writes one frame, giving up if the peer does not take it in time.
+async fn write_frame(send: &mut quinn::SendStream, payload: &[u8]) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(&encode_frame(payload))).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err("session closed before the acknowledgement".into()),
-        Err(_) => Err("no acknowledgement in time".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the peer stopped reading".into()),
     }
 }
 
@@ -434,10 +463,9 @@ async fn dial(inner: &Arc<Inner>, peer: &Username, record: &PresenceRecord) -> R
         let ts = next_timestamp(inner);
         let (dial, preamble, msg1) =
             Dial::start(&inner.identity, &inner.config.username, peer, &record.noise.noise_key, ts).map_err(|e| e.to_string())?;
-        let mut out = encode_frame(&preamble);
-        out.extend_from_slice(&encode_frame(&msg1));
-        send.write_all(&out).await.map_err(|e| e.to_string())?;
-        let msg2 = read_frame(&mut recv, MAX_NOISE_MESSAGE).await?.ok_or("the peer closed the stream during the handshake")?;
+        write_frame(&mut send, &preamble).await?;
+        write_frame(&mut send, &msg1).await?;
+        let msg2 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await?.ok_or("the peer closed the stream during the handshake")?;
         let transport = dial.finish(&msg2).map_err(|e| e.to_string())?;
         Ok::<_, String>((transport, send, recv))
     };
@@ -456,13 +484,20 @@ async fn dial(inner: &Arc<Inner>, peer: &Username, record: &PresenceRecord) -> R
 }
 
 async fn accept_loop(inner: Arc<Inner>) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     while let Some(incoming) = inner.endpoint.accept().await {
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            debug!(remote = %incoming.remote_address(), "too many handshakes in progress; refused");
+            incoming.refuse();
+            continue;
+        };
         let inner = inner.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             if let Err(e) = accept(&inner, incoming).await {
                 info!(%remote, reason = %e, "refused a peer session");
             }
+            drop(permit);
         });
     }
 }
@@ -492,42 +527,52 @@ type Accepted = (Username, Transport, quinn::SendStream, quinn::RecvStream);
 async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted, String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let preamble = read_frame(&mut recv, MAX_PREAMBLE).await?.ok_or("no preamble")?;
-    let msg1 = read_frame(&mut recv, MAX_NOISE_MESSAGE).await?.ok_or("no handshake")?;
+    let msg1 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await?.ok_or("no handshake")?;
     let answer = Answer::read(&inner.identity, &inner.config.username, &preamble, &msg1).map_err(|e| e.to_string())?;
     let dialer = answer.dialer.clone();
     let presented = answer.hello.identity_key;
     let timestamp = answer.hello.timestamp;
     let binding = NoiseBinding { noise_key: answer.dialer_noise, signature: answer.hello.noise_binding };
-    // The identity the dialer must have: the pinned one, or (first contact) the key the
-    // rendezvous account holds.
-    let contact = match inner.store.contact(&dialer).map_err(|e| e.to_string())? {
-        Some(c) => c,
-        None => {
-            let agent = Agent { inner: inner.clone() };
-            let account = agent.with_node(|node| {
-                let dialer = dialer.clone();
-                async move { node.lookup(&dialer).await }
-            });
-            let info = account.await.map_err(|e| format!("cannot check {dialer} with the rendezvous node: {e}"))?;
-            if !info.identity_key.ct_eq(&presented) {
-                return Err(format!("{dialer} presented a key that is not their account's"));
-            }
-            check_trust(inner, &dialer, &presented, &binding).map_err(|e| e.to_string())?
+    let pinned = inner.store.contact(&dialer).map_err(|e| e.to_string())?;
+    if !pinned.as_ref().is_some_and(|c| c.identity_key.ct_eq(&presented)) {
+        // First contact, or a key other than the pinned one. Anyone can claim a
+        // username; only a key the rendezvous account holds may be pinned or raise a
+        // key-change warning. Any other claim is refused quietly.
+        let agent = Agent { inner: inner.clone() };
+        let lookup = agent.with_node(|node| {
+            let dialer = dialer.clone();
+            async move { node.lookup(&dialer).await }
+        });
+        let info = lookup.await.map_err(|e| format!("cannot check {dialer} with the rendezvous node: {e}"))?;
+        if !info.identity_key.ct_eq(&presented) || info.noise.verify(&info.identity_key).is_err() {
+            return Err(format!("a dialer claimed to be {dialer} with a key that is not their account's"));
         }
-    };
-    if !contact.identity_key.ct_eq(&presented) {
-        let _ = check_trust(inner, &dialer, &presented, &binding);
-        return Err(format!("{dialer} presented a changed identity key"));
+        check_trust(inner, &dialer, &presented, &binding).map_err(|e| e.to_string())?;
     }
+    let contact = inner.store.contact(&dialer).map_err(|e| e.to_string())?.ok_or("contact missing")?;
     let last = (contact.last_handshake > 0).then_some(contact.last_handshake);
-    let (transport, msg2) = answer.accept(&contact.identity_key, last).map_err(|e: SessionError| e.to_string())?;
-    // Record the timestamp durably before answering, so a replay after a restart fails.
-    let mut contact = contact;
-    contact.last_handshake = timestamp;
-    contact.noise = binding;
-    contact.last_seen = unix_now();
-    inner.store.put_contact(&contact).map_err(|e| e.to_string())?;
-    send.write_all(&encode_frame(&msg2)).await.map_err(|e| e.to_string())?;
+    let (transport, msg2) = answer.accept(&contact.identity_key, last, unix_now_ns()).map_err(|e: SessionError| e.to_string())?;
+    // Record the timestamp atomically and durably before answering, so a replay (now,
+    // concurrently, or after a restart) fails.
+    let mut refused = false;
+    inner
+        .store
+        .update_contact(&dialer, &mut |current| {
+            let mut c = current?;
+            refused = c.last_handshake >= timestamp || !c.identity_key.ct_eq(&presented);
+            if refused {
+                return None;
+            }
+            c.last_handshake = timestamp;
+            c.noise = binding;
+            c.last_seen = unix_now();
+            Some(c)
+        })
+        .map_err(|e| e.to_string())?;
+    if refused {
+        return Err(SessionError::Replayed.to_string());
+    }
+    write_frame(&mut send, &msg2).await?;
     Ok((dialer, transport, send, recv))
 }
 
@@ -582,7 +627,7 @@ async fn run_session(
                 };
                 match handle_message(&inner, &peer, message, &mut waiting) {
                     Ok(Some(reply)) => match transport.seal(&reply) {
-                        Ok(bytes) => if let Err(e) = send.write_all(&encode_frame(&bytes)).await { break e.to_string() },
+                        Ok(bytes) => if let Err(e) = write_frame(&mut send, &bytes).await { break e },
                         Err(e) => break e.to_string(),
                     },
                     Ok(None) => {}
@@ -593,7 +638,9 @@ async fn run_session(
                 let Some(out) = out else { break "closed".to_string() };
                 match transport.seal(&out.message) {
                     Ok(bytes) => {
-                        if let Err(e) = send.write_all(&encode_frame(&bytes)).await { break e.to_string() }
+                        if let Err(e) = write_frame(&mut send, &bytes).await { break e }
+                        // Senders that gave up leave closed channels behind: drop them.
+                        waiting.retain(|_, acked| !acked.is_closed());
                         waiting.insert(out.id, out.acked);
                     }
                     Err(e) => break e.to_string(),

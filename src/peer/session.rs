@@ -34,6 +34,11 @@ pub const MAX_NOISE_MESSAGE: usize = 65_535;
 pub const MAX_PLAINTEXT: usize = MAX_NOISE_MESSAGE - 16;
 /// Largest chat body, in bytes, so a `Chat` always fits one transport message.
 pub const MAX_BODY: usize = 60_000;
+/// Largest handshake message (Noise message 1 is about 200 bytes; 2 is 48).
+pub const MAX_HANDSHAKE_MESSAGE: usize = 1024;
+/// How far a dialer's timestamp may be ahead of the callee's clock: a dialer whose clock
+/// runs ahead must not lock itself out for longer than this.
+pub const MAX_TIMESTAMP_AHEAD_NS: u64 = 10 * 60 * 1_000_000_000;
 /// Messages per direction between rekeys.
 pub const REKEY_INTERVAL: u64 = 1 << 16;
 
@@ -52,6 +57,8 @@ pub enum SessionError {
     UnexpectedIdentity,
     #[error("replayed or stale handshake initiation")]
     Replayed,
+    #[error("handshake initiation dated in the future (check the dialer's clock)")]
+    FromTheFuture,
     #[error("message failed to decrypt; session closed")]
     Decrypt,
     #[error("malformed message")]
@@ -134,7 +141,7 @@ impl Dial {
             .map_err(|_| SessionError::Handshake)?;
         let hello = DialerHello { identity_key: me.public(), noise_binding: me.binding().signature, timestamp };
         let payload = postcard::to_stdvec(&hello).map_err(|_| SessionError::Malformed)?;
-        let mut msg1 = vec![0u8; MAX_NOISE_MESSAGE];
+        let mut msg1 = vec![0u8; MAX_HANDSHAKE_MESSAGE];
         let n = hs.write_message(&payload, &mut msg1).map_err(|_| SessionError::Handshake)?;
         msg1.truncate(n);
         Ok((Dial { hs }, preamble, msg1))
@@ -142,7 +149,10 @@ impl Dial {
 
     /// Reads message 2 and enters transport mode.
     pub fn finish(mut self, msg2: &[u8]) -> Result<Transport, SessionError> {
-        let mut payload = vec![0u8; MAX_NOISE_MESSAGE];
+        if msg2.len() > MAX_HANDSHAKE_MESSAGE {
+            return Err(SessionError::TooLarge);
+        }
+        let mut payload = vec![0u8; MAX_HANDSHAKE_MESSAGE];
         let n = self.hs.read_message(msg2, &mut payload).map_err(|_| SessionError::Handshake)?;
         if n != 0 {
             return Err(SessionError::Malformed);
@@ -178,7 +188,7 @@ impl Answer {
         if &preamble.callee != my_name {
             return Err(SessionError::NotForMe);
         }
-        if msg1.len() > MAX_NOISE_MESSAGE {
+        if msg1.len() > MAX_HANDSHAKE_MESSAGE {
             return Err(SessionError::TooLarge);
         }
         let prologue = prologue(preamble_bytes);
@@ -187,7 +197,7 @@ impl Answer {
             .and_then(|b| b.prologue(&prologue))
             .and_then(|b| b.build_responder())
             .map_err(|_| SessionError::Handshake)?;
-        let mut payload = vec![0u8; MAX_NOISE_MESSAGE];
+        let mut payload = vec![0u8; MAX_HANDSHAKE_MESSAGE];
         let n = hs.read_message(msg1, &mut payload).map_err(|_| SessionError::Handshake)?;
         let (hello, rest) = postcard::take_from_bytes::<DialerHello>(&payload[..n]).map_err(|_| SessionError::Malformed)?;
         if !rest.is_empty() {
@@ -202,15 +212,24 @@ impl Answer {
     }
 
     /// Accepts the call if the dialer's identity is `expected` and its timestamp is
-    /// newer than `last_timestamp`; returns the transport and message 2.
-    pub fn accept(mut self, expected: &IdentityKey, last_timestamp: Option<u64>) -> Result<(Transport, Vec<u8>), SessionError> {
+    /// newer than `last_timestamp` and not far ahead of `now_ns`; returns the transport
+    /// and message 2.
+    pub fn accept(
+        mut self,
+        expected: &IdentityKey,
+        last_timestamp: Option<u64>,
+        now_ns: u64,
+    ) -> Result<(Transport, Vec<u8>), SessionError> {
         if !self.hello.identity_key.ct_eq(expected) {
             return Err(SessionError::UnexpectedIdentity);
         }
         if last_timestamp.is_some_and(|last| self.hello.timestamp <= last) {
             return Err(SessionError::Replayed);
         }
-        let mut msg2 = vec![0u8; MAX_NOISE_MESSAGE];
+        if self.hello.timestamp > now_ns.saturating_add(MAX_TIMESTAMP_AHEAD_NS) {
+            return Err(SessionError::FromTheFuture);
+        }
+        let mut msg2 = vec![0u8; MAX_HANDSHAKE_MESSAGE];
         let n = self.hs.write_message(&[], &mut msg2).map_err(|_| SessionError::Handshake)?;
         msg2.truncate(n);
         Ok((Transport::new(self.hs)?, msg2))
@@ -275,6 +294,8 @@ mod tests {
     use super::*;
     use crate::presence::tests::identity;
 
+    const NOW_NS: u64 = 1_800_000_000 * 1_000_000_000;
+
     fn name(s: &str) -> Username {
         Username::parse(s).unwrap()
     }
@@ -286,7 +307,7 @@ mod tests {
         let answer = Answer::read(&bob, &name("bob"), &pre, &m1).unwrap();
         assert_eq!(answer.dialer, name("alice"));
         assert_eq!(answer.dialer_noise, alice.noise.public());
-        let (bob_t, m2) = answer.accept(&alice.public(), None).unwrap();
+        let (bob_t, m2) = answer.accept(&alice.public(), None, NOW_NS).unwrap();
         (dial.finish(&m2).unwrap(), bob_t)
     }
 
@@ -326,10 +347,19 @@ mod tests {
         let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise.public(), 100).unwrap();
         let first = Answer::read(&bob, &name("bob"), &pre, &m1).unwrap();
         assert_eq!(first.hello.timestamp, 100);
-        let (_, _) = first.accept(&alice.public(), None).unwrap();
+        let (_, _) = first.accept(&alice.public(), None, NOW_NS).unwrap();
         // The same bytes again: the callee has recorded timestamp 100.
         let again = Answer::read(&bob, &name("bob"), &pre, &m1).unwrap();
-        assert_eq!(again.accept(&alice.public(), Some(100)).unwrap_err(), SessionError::Replayed);
+        assert_eq!(again.accept(&alice.public(), Some(100), NOW_NS).unwrap_err(), SessionError::Replayed);
+    }
+
+    #[test]
+    fn far_future_initiation_is_refused() {
+        let (alice, bob) = (identity(1), identity(2));
+        let ahead = NOW_NS + MAX_TIMESTAMP_AHEAD_NS + 1;
+        let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise.public(), ahead).unwrap();
+        let answer = Answer::read(&bob, &name("bob"), &pre, &m1).unwrap();
+        assert_eq!(answer.accept(&alice.public(), None, NOW_NS).unwrap_err(), SessionError::FromTheFuture);
     }
 
     #[test]
@@ -345,7 +375,7 @@ mod tests {
         let (alice, bob, mallory) = (identity(1), identity(2), identity(3));
         let (_, pre, m1) = Dial::start(&mallory, &name("alice"), &name("bob"), &bob.noise.public(), 1).unwrap();
         let answer = Answer::read(&bob, &name("bob"), &pre, &m1).unwrap();
-        assert_eq!(answer.accept(&alice.public(), None).unwrap_err(), SessionError::UnexpectedIdentity);
+        assert_eq!(answer.accept(&alice.public(), None, NOW_NS).unwrap_err(), SessionError::UnexpectedIdentity);
     }
 
     #[test]

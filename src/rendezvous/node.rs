@@ -35,6 +35,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent request streams per connection.
 const MAX_STREAMS: u32 = 16;
+/// Time a connection has to sign in before the node closes it.
+const SIGN_IN_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -101,7 +103,7 @@ impl Node {
     /// Opens the data directory (certificate, key, accounts) and binds the socket.
     pub fn bind(config: NodeConfig) -> Result<Node, NodeError> {
         let data_err = |source| NodeError::DataDir { path: config.data_dir.clone(), source };
-        std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
+        crate::profile::private_dir(&config.data_dir, true).map_err(data_err)?;
         let cert = CertKey::load_or_create(&config.data_dir, "sotto-rendezvous").map_err(data_err)?;
         let accounts = Accounts::open(&config.data_dir.join("accounts"))?;
         let server = tls::server_config(&cert, ALPN, MAX_STREAMS)?;
@@ -206,6 +208,15 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         state: Mutex::new(ConnState::default()),
     });
     debug!(conn = conn.id, %remote, "connection open");
+    let deadline = {
+        let (connection, conn) = (connection.clone(), conn.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(SIGN_IN_DEADLINE).await;
+            if lock(&conn.state).user.is_none() {
+                connection.close(2u32.into(), b"sign in first");
+            }
+        })
+    };
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
@@ -217,6 +228,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             }
         }
     }
+    deadline.abort();
     lock(&shared.directory).connection_closed(conn.id);
 }
 
@@ -305,6 +317,10 @@ async fn register(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Respon
         return Err(Refusal::WeakPassword);
     }
     check_keys(conn, &c, Purpose::Register)?;
+    if let Err(retry_after_secs) = lock(&shared.limits).register(conn.remote.ip(), unix_now()) {
+        info!(remote = %conn.remote, "registration rate limited");
+        return Err(Refusal::RateLimited { retry_after_secs });
+    }
     if shared.accounts.get(&c.username).map_err(store_failed)?.is_some() {
         return Err(Refusal::UsernameTaken);
     }
@@ -322,18 +338,19 @@ async fn register(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Respon
         return Err(Refusal::UsernameTaken);
     }
     info!(user = %c.username, remote = %conn.remote, "registered");
-    lock(&shared.limits).succeeded(&c.username, conn.remote.ip(), now);
+    lock(&shared.limits).remember(&c.username, conn.remote.ip(), now);
     lock(&conn.state).user = Some(c.username.clone());
     Ok(Response::Registered)
 }
 
 async fn login(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Response, Refusal> {
     let ip = conn.remote.ip();
-    if let Err(retry_after_secs) = lock(&shared.limits).check(&c.username, ip, unix_now()) {
+    check_keys(conn, &c, Purpose::Login)?;
+    // Counted now, before argon2 runs, so parallel guesses cannot overtake the count.
+    if let Err(retry_after_secs) = lock(&shared.limits).attempt(&c.username, ip, unix_now()) {
         info!(user = %c.username, remote = %conn.remote, "login rate limited");
         return Err(Refusal::RateLimited { retry_after_secs });
     }
-    check_keys(conn, &c, Purpose::Login)?;
     let password = Zeroizing::new(c.password.clone());
     let account = shared.accounts.get(&c.username).map_err(store_failed)?;
     let ok = password.len() <= MAX_PASSWORD_BYTES
@@ -341,7 +358,6 @@ async fn login(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Response,
     let now = unix_now();
     let Some(account) = account.filter(|_| ok) else {
         info!(user = %c.username, remote = %conn.remote, "login failed");
-        lock(&shared.limits).failed(&c.username, ip, now);
         return Err(Refusal::InvalidCredentials);
     };
     let key_changed = !account.identity_key.ct_eq(&c.identity_key);
@@ -368,7 +384,7 @@ fn authenticate(shared: &Shared, conn: &Conn, username: Username, key: IdentityK
         return Err(Refusal::KeyChanged);
     }
     debug!(user = %username, remote = %conn.remote, "authenticated");
-    lock(&shared.limits).succeeded(&username, conn.remote.ip(), unix_now());
+    lock(&shared.limits).remember(&username, conn.remote.ip(), unix_now());
     lock(&conn.state).user = Some(username);
     Ok(Response::Authenticated)
 }

@@ -29,7 +29,7 @@ pub const MIN_PASSWORD_CHARS: usize = 8;
 pub const MAX_ONLINE_LIST: usize = 500;
 
 /// What a client proves it holds when it registers or logs in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     pub username: Username,
     pub password: String,
@@ -58,6 +58,12 @@ pub enum Request {
     ListOnline,
     #[serde(other)]
     Unknown,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).field("identity_key", &self.identity_key).finish_non_exhaustive()
+    }
 }
 
 impl Drop for Credentials {
