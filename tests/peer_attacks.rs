@@ -1,0 +1,155 @@
+//! Attacks on a running peer over real QUIC on 127.0.0.1: forged dialers, replayed
+//! initiations, tampered frames. The peer must refuse each and keep serving.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sotto::address::ServerAddress;
+use sotto::clock::unix_now_ns;
+use sotto::keys::Identity;
+use sotto::online::{self, Presence};
+use sotto::peer::agent::{Agent, AgentConfig, AgentEvent};
+use sotto::peer::session::{Dial, ALPN, MAX_HANDSHAKE_MESSAGE};
+use sotto::rendezvous::accounts::PasswordCost;
+use sotto::rendezvous::client::RendezvousClient;
+use sotto::rendezvous::node::{Node, NodeConfig};
+use sotto::store::{SledStore, Store};
+use sotto::tls::{self, CertKey};
+use sotto::username::Username;
+use sotto::wire::{encode_frame, frame_len, HEADER_LEN};
+use tokio::sync::watch;
+
+fn name(s: &str) -> Username {
+    Username::parse(s).unwrap()
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    server: ServerAddress,
+    alice: Arc<Identity>,
+    bob_agent: Agent,
+    bob_addr: SocketAddr,
+    bob_cert: [u8; 32],
+    bob_noise: sotto::keys::NoiseKey,
+    alice_agent: Agent,
+    _stop: watch::Sender<bool>,
+}
+
+/// A node; alice and bob registered; bob online; alice has sent bob one message, so
+/// bob has pinned her key.
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::new(([127, 0, 0, 1], 0).into(), dir.path().join("node"));
+    // Explicit, non-default low cost for test speed; the default is OWASP's.
+    config.password_cost = PasswordCost { memory_kib: 64, iterations: 1, parallelism: 1 };
+    let node = Node::bind(config).unwrap();
+    let server = node.address().clone();
+    tokio::spawn(node.run(std::future::pending()));
+
+    let (alice, bob) = (Arc::new(Identity::generate()), Arc::new(Identity::generate()));
+    for (id, user) in [(&alice, "alice"), (&bob, "bob")] {
+        let c = RendezvousClient::connect(&server).await.unwrap();
+        c.register(id, &name(user), "password123").await.unwrap();
+        c.close().await;
+    }
+    let agent = |id: &Arc<Identity>, user: &str| {
+        let home = dir.path().join(user);
+        let cert = CertKey::load_or_create(&home.join("peer"), "sotto-peer").unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&home.join("db")).unwrap());
+        let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+        (
+            Agent::start(id.clone(), store, &cert, AgentConfig { username: name(user), server: server.clone(), listen }).unwrap(),
+            cert.sha256(),
+        )
+    };
+    let (bob_agent, bob_cert) = agent(&bob, "bob");
+    let (alice_agent, _) = agent(&alice, "alice");
+    let bob_addr = bob_agent.local_addr().unwrap();
+    let presence = Presence { server: server.clone(), username: name("bob"), addrs: vec![bob_addr], cert_sha256: bob_cert, ttl: 60 };
+    let (stop, stopped) = watch::channel(false);
+    let bob_for_presence = bob.clone();
+    tokio::spawn(async move { online::stay_online(&bob_for_presence, &presence, stopped, |_| {}).await });
+    // Wait until bob's record is visible, then make first contact.
+    for _ in 0..50 {
+        if alice_agent.lookup(&name("bob")).await.is_ok_and(|v| v.presence.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    alice_agent.send(&name("bob"), "first contact").await.unwrap();
+    World { _dir: dir, server, alice, bob_noise: bob.noise.public(), bob_agent, bob_addr, bob_cert, alice_agent, _stop: stop }
+}
+
+/// Dials bob over QUIC with his pinned certificate and sends `frames` on one stream;
+/// returns bob's first frame back, if any arrives.
+async fn raw_dial(w: &World, frames: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let (config, _) = tls::client_config(w.bob_cert, ALPN).unwrap();
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(w.bob_addr, "sotto-peer").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    for f in frames {
+        send.write_all(&encode_frame(f)).await.unwrap();
+    }
+    let answer = async {
+        let mut header = [0u8; HEADER_LEN];
+        recv.read_exact(&mut header).await.ok()?;
+        let mut body = vec![0u8; frame_len(header, MAX_HANDSHAKE_MESSAGE).ok()?];
+        recv.read_exact(&mut body).await.ok()?;
+        Some(body)
+    };
+    tokio::time::timeout(Duration::from_secs(5), answer).await.ok().flatten()
+}
+
+#[tokio::test]
+async fn an_unvouched_dialer_claiming_a_contact_raises_no_key_change() {
+    let w = world().await;
+    let mut events = w.bob_agent.subscribe();
+    let mallory = Identity::generate();
+    let (_, preamble, msg1) = Dial::start(&mallory, &name("alice"), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
+    assert!(raw_dial(&w, &[preamble, msg1]).await.is_none(), "bob must not answer mallory");
+    let contact = w.bob_agent.store().contact(&name("alice")).unwrap().unwrap();
+    assert_eq!(contact.identity_key, w.alice.public(), "alice's pinned key is untouched");
+    assert_eq!(contact.changed_key, None, "no key change recorded for a claim the node does not back");
+    while let Ok(event) = events.try_recv() {
+        assert!(!matches!(event, AgentEvent::KeyChanged { .. }), "no warning raised");
+    }
+    // The real alice still gets through.
+    w.alice_agent.send(&name("bob"), "still me").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replayed_initiation_gets_no_answer() {
+    let w = world().await;
+    let (_, preamble, msg1) = Dial::start(&w.alice, &name("alice"), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
+    assert!(raw_dial(&w, &[preamble.clone(), msg1.clone()]).await.is_some(), "the first initiation is answered");
+    assert!(raw_dial(&w, &[preamble, msg1]).await.is_none(), "the same bytes again are refused");
+    w.alice_agent.send(&name("bob"), "fresh sessions still work").await.unwrap();
+    let _ = &w.server;
+}
+
+#[tokio::test]
+async fn a_tampered_frame_closes_only_that_session() {
+    let w = world().await;
+    let (dial, preamble, msg1) = Dial::start(&w.alice, &name("alice"), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
+    let (config, _) = tls::client_config(w.bob_cert, ALPN).unwrap();
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(w.bob_addr, "sotto-peer").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode_frame(&preamble)).await.unwrap();
+    send.write_all(&encode_frame(&msg1)).await.unwrap();
+    let mut header = [0u8; HEADER_LEN];
+    recv.read_exact(&mut header).await.unwrap();
+    let mut msg2 = vec![0u8; frame_len(header, MAX_HANDSHAKE_MESSAGE).unwrap()];
+    recv.read_exact(&mut msg2).await.unwrap();
+    let mut transport = dial.finish(&msg2).unwrap();
+    let mut sealed = transport.seal(&sotto::peer::session::PeerMessage::Chat { id: [9; 16], sent_at: 1, body: "x".into() }).unwrap();
+    sealed[0] ^= 0x80;
+    send.write_all(&encode_frame(&sealed)).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(closed.is_ok(), "bob closes a session whose frame fails to decrypt");
+    assert!(w.bob_agent.store().last(None, 10).unwrap().iter().all(|m| m.id != [9; 16]), "nothing from the tampered frame is stored");
+    w.alice_agent.send(&name("bob"), "after the tampering").await.unwrap();
+}
