@@ -102,6 +102,38 @@ async fn raw_dial(w: &World, frames: &[Vec<u8>]) -> Option<Vec<u8>> {
     tokio::time::timeout(Duration::from_secs(5), answer).await.ok().flatten()
 }
 
+/// A session with bob made by hand as alice, for sending what a real client would not.
+struct RawSession {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    transport: sotto::peer::session::Transport,
+}
+
+async fn raw_session(w: &World) -> RawSession {
+    let (dial, preamble, msg1) = Dial::start(&w.alice, &name("alice"), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
+    let (config, _) = tls::client_config(w.bob_cert, ALPN).unwrap();
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(w.bob_addr, "sotto-peer").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode_frame(&preamble)).await.unwrap();
+    send.write_all(&encode_frame(&msg1)).await.unwrap();
+    let msg2 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await;
+    let transport = dial.finish(&msg2).unwrap();
+    RawSession { _endpoint: endpoint, conn, send, recv, transport }
+}
+
+/// Reads one frame of at most `cap` bytes.
+async fn read_frame(recv: &mut quinn::RecvStream, cap: usize) -> Vec<u8> {
+    let mut header = [0u8; HEADER_LEN];
+    recv.read_exact(&mut header).await.unwrap();
+    let mut body = vec![0u8; frame_len(header, cap).unwrap()];
+    recv.read_exact(&mut body).await.unwrap();
+    body
+}
+
 #[tokio::test]
 async fn an_unvouched_dialer_claiming_a_contact_raises_no_key_change() {
     let w = world().await;
@@ -132,19 +164,7 @@ async fn a_replayed_initiation_gets_no_answer() {
 #[tokio::test]
 async fn a_tampered_frame_closes_only_that_session() {
     let w = world().await;
-    let (dial, preamble, msg1) = Dial::start(&w.alice, &name("alice"), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
-    let (config, _) = tls::client_config(w.bob_cert, ALPN).unwrap();
-    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
-    endpoint.set_default_client_config(config);
-    let conn = endpoint.connect(w.bob_addr, "sotto-peer").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&encode_frame(&preamble)).await.unwrap();
-    send.write_all(&encode_frame(&msg1)).await.unwrap();
-    let mut header = [0u8; HEADER_LEN];
-    recv.read_exact(&mut header).await.unwrap();
-    let mut msg2 = vec![0u8; frame_len(header, MAX_HANDSHAKE_MESSAGE).unwrap()];
-    recv.read_exact(&mut msg2).await.unwrap();
-    let mut transport = dial.finish(&msg2).unwrap();
+    let RawSession { _endpoint, conn, mut send, mut recv, mut transport } = raw_session(&w).await;
     let mut sealed = transport.seal(&sotto::peer::session::PeerMessage::Chat { id: [9; 16], sent_at: 1, body: "x".into() }).unwrap();
     sealed[0] ^= 0x80;
     send.write_all(&encode_frame(&sealed)).await.unwrap();
@@ -152,4 +172,18 @@ async fn a_tampered_frame_closes_only_that_session() {
     assert!(closed.is_ok(), "bob closes a session whose frame fails to decrypt");
     assert!(w.bob_agent.store().last(None, 10).unwrap().iter().all(|m| m.id != [9; 16]), "nothing from the tampered frame is stored");
     w.alice_agent.send(&name("bob"), "after the tampering").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_resent_message_is_acked_each_time_and_stored_once() {
+    let w = world().await;
+    let RawSession { _endpoint, conn, mut send, recv: _recv, mut transport } = raw_session(&w).await;
+    let chat = sotto::peer::session::PeerMessage::Chat { id: [5; 16], sent_at: 1, body: "only once".into() };
+    for _ in 0..2 {
+        send.write_all(&encode_frame(&transport.seal(&chat).unwrap())).await.unwrap();
+        let body = read_frame(&mut recv, sotto::peer::session::MAX_NOISE_MESSAGE).await;
+        assert_eq!(transport.open(&body).unwrap(), sotto::peer::session::PeerMessage::Ack { id: [5; 16] });
+    }
+    let stored: Vec<_> = w.bob_agent.store().last(Some(&name("alice")), 10).unwrap().into_iter().filter(|m| m.id == [5; 16]).collect();
+    assert_eq!(stored.len(), 1, "a resend is stored once");
 }
