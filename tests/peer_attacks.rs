@@ -164,7 +164,7 @@ async fn a_replayed_initiation_gets_no_answer() {
 #[tokio::test]
 async fn a_tampered_frame_closes_only_that_session() {
     let w = world().await;
-    let RawSession { _endpoint, conn, mut send, mut recv, mut transport } = raw_session(&w).await;
+    let RawSession { _endpoint, conn, mut send, recv: _recv, mut transport } = raw_session(&w).await;
     let mut sealed = transport.seal(&sotto::peer::session::PeerMessage::Chat { id: [9; 16], sent_at: 1, body: "x".into() }).unwrap();
     sealed[0] ^= 0x80;
     send.write_all(&encode_frame(&sealed)).await.unwrap();
@@ -177,7 +177,7 @@ async fn a_tampered_frame_closes_only_that_session() {
 #[tokio::test]
 async fn a_resent_message_is_acked_each_time_and_stored_once() {
     let w = world().await;
-    let RawSession { _endpoint, conn, mut send, recv: _recv, mut transport } = raw_session(&w).await;
+    let RawSession { _endpoint, conn: _conn, mut send, mut recv, mut transport } = raw_session(&w).await;
     let chat = sotto::peer::session::PeerMessage::Chat { id: [5; 16], sent_at: 1, body: "only once".into() };
     for _ in 0..2 {
         send.write_all(&encode_frame(&transport.seal(&chat).unwrap())).await.unwrap();
