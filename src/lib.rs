@@ -12,6 +12,7 @@ pub mod online;
 pub mod peer;
 pub mod presence;
 pub mod profile;
+pub mod quic;
 pub mod rendezvous;
 pub mod store;
 pub mod tls;

@@ -25,7 +25,7 @@ use crate::rendezvous::proto::Refusal;
 use crate::store::{Contact, Direction, State, Store, StoreError, StoredMessage};
 use crate::tls::{self, CertKey};
 use crate::username::Username;
-use crate::wire::{encode_frame, frame_len, HEADER_LEN};
+use crate::quic::{read_frame, write_frame};
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,8 +34,6 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PREAMBLE: usize = 128;
 /// Outgoing messages queued per session before senders wait.
 const SESSION_QUEUE: usize = 64;
-/// Time a peer has to take one frame off our hands.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Incoming handshakes in progress at once; more are refused until some finish.
 const MAX_HANDSHAKES: usize = 64;
 
@@ -398,29 +396,6 @@ async fn push(session: &SessionHandle, message: PeerMessage, id: [u8; 16]) -> Re
         ack.await.map_err(|_| "session closed before the acknowledgement".to_string())
     };
     tokio::time::timeout(ACK_TIMEOUT, attempt).await.map_err(|_| "no acknowledgement in time".to_string())?
-}
-
-/// Writes one frame, giving up if the peer does not take it in time.
-async fn write_frame(send: &mut quinn::SendStream, payload: &[u8]) -> Result<(), String> {
-    match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(&encode_frame(payload))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the peer stopped reading".into()),
-    }
-}
-
-/// Reads one length-prefixed frame of at most `cap` bytes; `None` at a clean end.
-async fn read_frame(recv: &mut quinn::RecvStream, cap: usize) -> Result<Option<Vec<u8>>, String> {
-    let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    }
-    let len = frame_len(header, cap).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-    Ok(Some(body))
 }
 
 fn next_timestamp(inner: &Inner) -> u64 {

@@ -173,6 +173,20 @@ impl RendezvousClient {
         }
     }
 
+    /// Watches `usernames`: returns who of them is online now, and a stream of changes.
+    pub async fn watch(&self, usernames: &[Username]) -> Result<(Vec<Username>, Watch), ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let request = Request::Watch { usernames: usernames.to_vec() };
+        send.write_all(&encode_frame(&encode_message(&request))).await.map_err(|_| ClientError::Protocol)?;
+        send.finish().map_err(|_| ClientError::Protocol)?;
+        let mut watch = Watch { recv, _send: send };
+        let first = tokio::time::timeout(CALL_TIMEOUT, watch.next()).await.map_err(|_| ClientError::Timeout)??;
+        match first {
+            WatchEvent::Online(online) => Ok((online, watch)),
+            WatchEvent::Changed { .. } => Err(ClientError::Protocol),
+        }
+    }
+
     /// Sends a request as-is and returns the node's raw answer (for tests and tools).
     pub async fn raw_call(&self, request: &Request) -> Result<Response, ClientError> {
         self.call(request).await
@@ -192,6 +206,33 @@ impl RendezvousClient {
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// What a watch reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Exactly these watched users are online (at the start, and after a resync).
+    Online(Vec<Username>),
+    Changed { username: Username, online: bool },
+}
+
+/// An open watch; dropping it ends it.
+pub struct Watch {
+    recv: quinn::RecvStream,
+    _send: quinn::SendStream,
+}
+
+impl Watch {
+    /// The next change; an error when the node or the connection ends the watch.
+    pub async fn next(&mut self) -> Result<WatchEvent, ClientError> {
+        let frame = crate::quic::read_frame(&mut self.recv, MAX_FRAME).await.map_err(|_| ClientError::Protocol)?.ok_or(ClientError::Protocol)?;
+        match decode_message::<Response>(&frame).map_err(|_| ClientError::Protocol)? {
+            Response::Watching { online } => Ok(WatchEvent::Online(online)),
+            Response::PresenceChanged { username, online } => Ok(WatchEvent::Changed { username, online }),
+            Response::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::Protocol),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Who is online: the node's in-memory table of signed presence records.
 //!
-//! Pure state machine: every method takes `now` (Unix seconds). The node driver calls
+//! Pure state machine: every method takes `now` (Unix seconds) and returns the presence
+//! [`Change`]s it caused, which the node pushes to watchers. The node driver calls
 //! [`Directory::connection_closed`] when a publishing connection ends and
 //! [`Directory::expire`] on a timer, so "online" is honest within seconds.
 
@@ -20,10 +21,25 @@ struct Entry {
     conn: ConnId,
 }
 
+/// A user came online or went offline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub username: Username,
+    pub online: bool,
+}
+
+impl Change {
+    fn offline(username: Username) -> Change {
+        Change { username, online: false }
+    }
+}
+
 #[derive(Debug)]
 pub struct Directory {
     freshness: Freshness,
     online: HashMap<Username, Entry>,
+    /// Who each connection published for, so a close does not scan every record.
+    by_conn: HashMap<ConnId, Vec<Username>>,
     /// Highest accepted `seq` per user, kept after the record goes away so that an old
     /// record cannot be published again while this node runs.
     last_seq: HashMap<Username, u64>,
@@ -31,7 +47,7 @@ pub struct Directory {
 
 impl Directory {
     pub fn new(freshness: Freshness) -> Self {
-        Self { freshness, online: HashMap::new(), last_seq: HashMap::new() }
+        Self { freshness, online: HashMap::new(), by_conn: HashMap::new(), last_seq: HashMap::new() }
     }
 
     pub fn freshness(&self) -> Freshness {
@@ -39,6 +55,7 @@ impl Directory {
     }
 
     /// Accepts `signed` for `user` (whose account key is `key`), published over `conn`.
+    /// Returns the change if `user` was not online before.
     pub fn publish(
         &mut self,
         user: &Username,
@@ -46,40 +63,75 @@ impl Directory {
         signed: SignedPresence,
         conn: ConnId,
         now: u64,
-    ) -> Result<(), PresenceError> {
+    ) -> Result<Option<Change>, PresenceError> {
         let record = signed.verify(key)?;
         if &record.username != user {
             return Err(PresenceError::WrongUser);
         }
         self.freshness.check_publish(&record, now, self.last_seq.get(user).copied())?;
         self.last_seq.insert(user.clone(), record.seq);
-        self.online.insert(user.clone(), Entry { signed, expires_at: record.expires_at, conn });
-        Ok(())
+        let previous = self.online.insert(user.clone(), Entry { signed, expires_at: record.expires_at, conn });
+        if let Some(old) = &previous {
+            if old.conn != conn {
+                self.unindex(old.conn, user);
+            }
+        }
+        let names = self.by_conn.entry(conn).or_default();
+        if !names.contains(user) {
+            names.push(user.clone());
+        }
+        Ok(previous.is_none().then(|| Change { username: user.clone(), online: true }))
     }
 
-    /// Removes `user`'s record if `conn` published it.
-    pub fn withdraw(&mut self, user: &Username, conn: ConnId) {
-        if self.online.get(user).is_some_and(|e| e.conn == conn) {
-            self.online.remove(user);
+    fn unindex(&mut self, conn: ConnId, user: &Username) {
+        if let Some(names) = self.by_conn.get_mut(&conn) {
+            names.retain(|n| n != user);
+            if names.is_empty() {
+                self.by_conn.remove(&conn);
+            }
         }
     }
 
+    fn remove(&mut self, user: &Username) -> Option<Change> {
+        let entry = self.online.remove(user)?;
+        self.unindex(entry.conn, user);
+        Some(Change::offline(user.clone()))
+    }
+
+    /// Removes `user`'s record if `conn` published it.
+    pub fn withdraw(&mut self, user: &Username, conn: ConnId) -> Option<Change> {
+        if self.online.get(user).is_some_and(|e| e.conn == conn) {
+            return self.remove(user);
+        }
+        None
+    }
+
     /// Forgets everything about `user` (their identity key changed).
-    pub fn forget(&mut self, user: &Username) {
-        self.online.remove(user);
+    pub fn forget(&mut self, user: &Username) -> Option<Change> {
         self.last_seq.remove(user);
+        self.remove(user)
     }
 
     /// Drops the records that `conn` published.
-    pub fn connection_closed(&mut self, conn: ConnId) {
-        self.online.retain(|_, e| e.conn != conn);
+    pub fn connection_closed(&mut self, conn: ConnId) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for user in self.by_conn.remove(&conn).unwrap_or_default() {
+            if self.online.get(&user).is_some_and(|e| e.conn == conn) {
+                self.online.remove(&user);
+                changes.push(Change::offline(user));
+            }
+        }
+        changes
     }
 
-    /// Drops expired records; returns how many went.
-    pub fn expire(&mut self, now: u64) -> usize {
-        let before = self.online.len();
-        self.online.retain(|_, e| e.expires_at > now);
-        before - self.online.len()
+    /// Drops expired records.
+    pub fn expire(&mut self, now: u64) -> Vec<Change> {
+        let gone: Vec<Username> = self.online.iter().filter(|(_, e)| e.expires_at <= now).map(|(u, _)| u.clone()).collect();
+        gone.iter().filter_map(|u| self.remove(u)).collect()
+    }
+
+    pub fn is_online(&self, user: &Username, now: u64) -> bool {
+        self.current(user, now).is_some()
     }
 
     pub fn current(&self, user: &Username, now: u64) -> Option<&SignedPresence> {
@@ -112,11 +164,13 @@ mod tests {
         let alice = identity(1);
         let mut dir = Directory::new(Freshness::DEFAULT);
         let signed = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &alice.secret);
-        dir.publish(&name("alice"), &alice.public(), signed.clone(), 7, NOW).unwrap();
-        assert_eq!(dir.current(&name("alice"), NOW + 59), Some(&signed));
+        assert_eq!(dir.publish(&name("alice"), &alice.public(), signed.clone(), 7, NOW), Ok(Some(Change { username: name("alice"), online: true })));
+        let again = SignedPresence::sign(&record(&alice, "alice", 2, NOW, 60), &alice.secret);
+        assert_eq!(dir.publish(&name("alice"), &alice.public(), again.clone(), 7, NOW), Ok(None), "a republish is no change");
+        assert_eq!(dir.current(&name("alice"), NOW + 59), Some(&again));
         assert_eq!(dir.online(NOW, 10).0, vec![name("alice")]);
         assert_eq!(dir.current(&name("alice"), NOW + 60), None);
-        assert_eq!(dir.expire(NOW + 60), 1);
+        assert_eq!(dir.expire(NOW + 60), vec![Change { username: name("alice"), online: false }]);
         assert!(dir.online(NOW, 10).0.is_empty());
     }
 
@@ -150,11 +204,12 @@ mod tests {
         dir.publish(&name("alice"), &alice.public(), SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &alice.secret), 1, NOW)
             .unwrap();
         dir.publish(&name("bob"), &bob.public(), SignedPresence::sign(&record(&bob, "bob", 1, NOW, 60), &bob.secret), 2, NOW).unwrap();
-        dir.withdraw(&name("alice"), 2);
+        assert_eq!(dir.withdraw(&name("alice"), 2), None);
         assert_eq!(dir.online(NOW, 10).0.len(), 2);
-        dir.connection_closed(1);
+        assert_eq!(dir.connection_closed(1), vec![Change { username: name("alice"), online: false }]);
         assert_eq!(dir.online(NOW, 10).0, vec![name("bob")]);
-        dir.withdraw(&name("bob"), 2);
+        assert_eq!(dir.withdraw(&name("bob"), 2), Some(Change { username: name("bob"), online: false }));
+        assert!(dir.connection_closed(2).is_empty());
         assert!(dir.online(NOW, 10).0.is_empty());
     }
 

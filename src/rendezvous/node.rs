@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 
 use super::accounts::{Account, Accounts, HashError, PasswordCost, PasswordHasher, StoreError, ACCOUNT_VERSION};
 use super::auth::{self, Binding, Purpose};
-use super::directory::{ConnId, Directory};
+use super::directory::{Change, ConnId, Directory};
 use super::limit::LoginLimits;
 use super::proto::{
     AccountInfo, Credentials, Refusal, Request, Response, ALPN, MAX_FRAME, MAX_ONLINE_LIST, MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS,
@@ -25,6 +25,7 @@ use crate::address::ServerAddress;
 use crate::clock::unix_now;
 use crate::keys::IdentityKey;
 use crate::presence::{Freshness, PresenceError};
+use crate::quic::write_frame;
 use crate::tls::{self, CertKey};
 use crate::username::Username;
 use crate::wire::{decode_message, decode_single_frame, encode_frame, encode_message, HEADER_LEN};
@@ -85,6 +86,8 @@ impl NodeConfig {
 }
 
 struct Shared {
+    /// Presence changes, for watchers.
+    changes: tokio::sync::broadcast::Sender<Change>,
     accounts: Accounts,
     hasher: PasswordHasher,
     directory: Mutex<Directory>,
@@ -119,6 +122,7 @@ impl Node {
         });
         let address = ServerAddress { host, port: local.port(), cert_sha256: cert.sha256() };
         let shared = Arc::new(Shared {
+            changes: tokio::sync::broadcast::channel(1024).0,
             accounts,
             hasher: PasswordHasher::new(config.password_cost, config.hash_workers, config.hash_queue)?,
             directory: Mutex::new(Directory::new(config.freshness)),
@@ -149,9 +153,10 @@ impl Node {
                 }
                 _ = sweep.tick() => {
                     let gone = lock(&self.shared.directory).expire(unix_now());
-                    if gone > 0 {
-                        debug!(gone, "expired presence records");
+                    if !gone.is_empty() {
+                        debug!(gone = gone.len(), "expired presence records");
                     }
+                    self.shared.announce(gone);
                 }
                 _ = &mut shutdown => break,
             }
@@ -161,6 +166,15 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         self.shared.accounts.flush().await?;
         Ok(())
+    }
+}
+
+impl Shared {
+    /// Tells watchers about presence changes (nobody listening is fine).
+    fn announce(&self, changes: impl IntoIterator<Item = Change>) {
+        for change in changes {
+            let _ = self.changes.send(change);
+        }
     }
 }
 
@@ -229,12 +243,14 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     }
     deadline.abort();
-    lock(&shared.directory).connection_closed(conn.id);
+    let gone = lock(&shared.directory).connection_closed(conn.id);
+    shared.announce(gone);
 }
 
 async fn serve_stream(shared: Arc<Shared>, conn: Arc<Conn>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let response = match tokio::time::timeout(REQUEST_TIMEOUT, recv.read_to_end(HEADER_LEN + MAX_FRAME)).await {
         Ok(Ok(bytes)) => match decode_single_frame(&bytes, MAX_FRAME).and_then(decode_message::<Request>) {
+            Ok(Request::Watch { usernames }) => return watch(&shared, &conn, usernames, send).await,
             Ok(request) => handle(&shared, &conn, request).await,
             Err(e) => {
                 debug!(conn = conn.id, error = %e, "malformed request");
@@ -266,7 +282,8 @@ async fn handle(shared: &Shared, conn: &Conn, request: Request) -> Response {
         Request::Authenticate { username, identity_key, proof } => authenticate(shared, conn, username, identity_key, proof),
         Request::Publish(signed) => signed_in(conn).and_then(|user| publish(shared, conn, &user, signed)),
         Request::Withdraw => signed_in(conn).map(|user| {
-            lock(&shared.directory).withdraw(&user, conn.id);
+            let gone = lock(&shared.directory).withdraw(&user, conn.id);
+            shared.announce(gone);
             Response::Withdrawn
         }),
         Request::Lookup { username } => signed_in(conn).and_then(|_| lookup(shared, &username)),
@@ -274,9 +291,53 @@ async fn handle(shared: &Shared, conn: &Conn, request: Request) -> Response {
             let (usernames, truncated) = lock(&shared.directory).online(unix_now(), MAX_ONLINE_LIST);
             Response::Online { usernames, truncated }
         }),
-        Request::Unknown => Err(Refusal::UnknownRequest),
+        // Watches are served by `watch`, which keeps the stream.
+        Request::Watch { .. } | Request::Unknown => Err(Refusal::UnknownRequest),
     };
     result.unwrap_or_else(Response::Refused)
+}
+
+/// Serves a `Watch`: the watched users online now, then each change, until the client
+/// stops the stream or the connection ends.
+async fn watch(shared: &Shared, conn: &Conn, usernames: Vec<Username>, mut send: quinn::SendStream) {
+    let refusal = match signed_in(conn) {
+        _ if !lock(&conn.state).hello => Some(Refusal::NeedHello),
+        Err(r) => Some(r),
+        Ok(_) if usernames.len() > MAX_ONLINE_LIST => Some(Refusal::Malformed),
+        Ok(_) => None,
+    };
+    if let Some(r) = refusal {
+        let _ = write_frame(&mut send, &encode_message(&Response::Refused(r))).await;
+        let _ = send.finish();
+        return;
+    }
+    // Subscribe before reading the current state, so no change falls in between.
+    let mut changes = shared.changes.subscribe();
+    let watched: std::collections::HashSet<Username> = usernames.into_iter().collect();
+    let snapshot = |shared: &Shared| {
+        let dir = lock(&shared.directory);
+        let now = unix_now();
+        let mut online: Vec<Username> = watched.iter().filter(|u| dir.is_online(u, now)).cloned().collect();
+        online.sort();
+        Response::Watching { online }
+    };
+    if write_frame(&mut send, &encode_message(&snapshot(shared))).await.is_err() {
+        return;
+    }
+    loop {
+        let response = tokio::select! {
+            change = changes.recv() => match change {
+                Ok(c) if watched.contains(&c.username) => Response::PresenceChanged { username: c.username, online: c.online },
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => snapshot(shared),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = send.stopped() => return,
+        };
+        if write_frame(&mut send, &encode_message(&response)).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn hello(shared: &Shared, conn: &Conn) -> Response {
@@ -366,7 +427,8 @@ async fn login(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Response,
         if !shared.accounts.replace(&c.username, &account, &rebound).await.map_err(store_failed)? {
             return Err(Refusal::Busy);
         }
-        lock(&shared.directory).forget(&c.username);
+        let gone = lock(&shared.directory).forget(&c.username);
+        shared.announce(gone);
     }
     info!(user = %c.username, remote = %conn.remote, key_changed, "logged in");
     lock(&shared.limits).succeeded(&c.username, ip, now);
@@ -394,7 +456,10 @@ fn publish(shared: &Shared, conn: &Conn, user: &Username, signed: crate::presenc
     let account = shared.accounts.get(user).map_err(store_failed)?.ok_or(Refusal::NotAuthenticated)?;
     let result = lock(&shared.directory).publish(user, &account.identity_key, signed, conn.id, unix_now());
     match result {
-        Ok(()) => Ok(Response::Published { observed: conn.remote }),
+        Ok(change) => {
+            shared.announce(change);
+            Ok(Response::Published { observed: conn.remote })
+        }
         Err(e) => {
             info!(user = %user, remote = %conn.remote, reason = %e, "presence refused");
             Err(match e {

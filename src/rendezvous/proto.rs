@@ -25,7 +25,7 @@ pub const MAX_FRAME: usize = 16 * 1024;
 pub const MAX_PASSWORD_BYTES: usize = 256;
 /// Shortest password accepted at registration, in characters.
 pub const MIN_PASSWORD_CHARS: usize = 8;
-/// Most usernames one `Online` answer carries.
+/// Most usernames one `Online` answer carries, and one `Watch` may name.
 pub const MAX_ONLINE_LIST: usize = 500;
 
 /// What a client proves it holds when it registers or logs in.
@@ -56,6 +56,11 @@ pub enum Request {
         username: Username,
     },
     ListOnline,
+    /// Keeps the stream open: the node answers `Watching`, then sends
+    /// `PresenceChanged` whenever one of `usernames` comes online or goes offline.
+    Watch {
+        usernames: Vec<Username>,
+    },
     #[serde(other)]
     Unknown,
 }
@@ -111,6 +116,9 @@ pub enum Response {
         truncated: bool,
     },
     Refused(Refusal),
+    /// The watched users online now (also sent again if the node skipped changes).
+    Watching { online: Vec<Username> },
+    PresenceChanged { username: Username, online: bool },
     #[serde(other)]
     Unknown,
 }
