@@ -10,7 +10,7 @@ use crate::clock::rfc3339;
 use crate::control::{Handler, RpcError, METHOD_NOT_FOUND};
 use crate::exit::{send_error_class, ExitClass};
 use crate::keys::{safety_number, safety_number_matches, IdentityKey};
-use crate::peer::agent::Agent;
+use crate::peer::agent::{Agent, AgentEvent};
 use crate::rendezvous::client::VerifiedAccount;
 use crate::store::{Contact, Direction, Store, StoreError, StoredMessage};
 use crate::username::Username;
@@ -168,11 +168,61 @@ fn required_user(params: &Value, name: &str) -> Result<Username, RpcError> {
 
 /// The control-socket methods of a running node.
 pub struct NodeMethods {
-    pub agent: Agent,
-    pub server: ServerAddress,
+    agent: Agent,
+    server: ServerAddress,
+    events: tokio::sync::broadcast::Sender<Value>,
+}
+
+/// An agent event as a JSON object, or `None` for events subscribers do not see.
+pub fn event_json(event: &AgentEvent) -> Option<Value> {
+    Some(match event {
+        AgentEvent::Received(m) => json!({ "type": "message", "message": message_json(m) }),
+        AgentEvent::Delivered { peer, id } => json!({ "type": "delivered", "peer": peer.as_str(), "id": hex::encode(id) }),
+        AgentEvent::KeyChanged { peer, pinned, presented } => json!({
+            "type": "key_changed",
+            "peer": peer.as_str(),
+            "pinned": pinned.fingerprint().to_string(),
+            "presented": presented.fingerprint().to_string(),
+        }),
+        AgentEvent::Presence { peer, online } => json!({ "type": "presence", "peer": peer.as_str(), "online": online }),
+        AgentEvent::SessionOpened { .. } | AgentEvent::SessionClosed { .. } => return None,
+    })
+}
+
+impl NodeMethods {
+    /// Serves `agent`; numbers its events from 1 for subscribers.
+    pub fn new(agent: Agent, server: ServerAddress) -> NodeMethods {
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        let mut source = agent.subscribe();
+        let sink = events.clone();
+        tokio::spawn(async move {
+            let mut next_id = 1u64;
+            loop {
+                let event = match source.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = sink.send(json!({ "event_id": next_id, "type": "lagged", "missed": n }));
+                        next_id += 1;
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                if let Some(mut value) = event_json(&event) {
+                    value["event_id"] = json!(next_id);
+                    next_id += 1;
+                    let _ = sink.send(value);
+                }
+            }
+        });
+        NodeMethods { agent, server, events }
+    }
 }
 
 impl Handler for NodeMethods {
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<Value>> {
+        Some(self.events.subscribe())
+    }
+
     async fn call(&self, method: String, params: Value) -> Result<Value, RpcError> {
         let store = self.agent.store().as_ref();
         let failed = |e: StoreError| RpcError::new(ExitClass::Failure, e.to_string());
@@ -198,8 +248,19 @@ impl Handler for NodeMethods {
                 Ok(json!({ "messages": history(store, peer.as_ref(), limit).map_err(failed)? }))
             }
             "contacts" => {
-                let online = self.agent.online().await.ok();
-                Ok(json!({ "contacts": contacts(store, online.as_deref()).map_err(failed)? }))
+                let mut list = store.contacts().map_err(failed)?;
+                list.sort_by(|a, b| a.username.cmp(&b.username));
+                // Pushed presence where the watch has it; otherwise ask the node once.
+                let asked =
+                    if list.iter().any(|c| self.agent.presence_of(&c.username).is_none()) { self.agent.online().await.ok() } else { None };
+                let rows: Vec<Value> = list
+                    .iter()
+                    .map(|c| {
+                        let online = self.agent.presence_of(&c.username).or_else(|| asked.as_ref().map(|o| o.contains(&c.username)));
+                        contact_json(c, online)
+                    })
+                    .collect();
+                Ok(json!({ "contacts": rows }))
             }
             "online" => {
                 let names = self.agent.online().await.map_err(node_failed)?;

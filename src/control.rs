@@ -3,7 +3,9 @@
 //! profile's other commands use the running node instead of the locked database.
 //!
 //! Requests and responses are one JSON object per line, at most [`MAX_LINE`] bytes.
-//! Only the user who owns the process may connect (checked with `SO_PEERCRED`).
+//! After a `subscribe` call, the connection also receives notifications
+//! `{"jsonrpc":"2.0","method":"event","params":{"event_id":N,"type":...}}` with
+//! increasing ids. Only the user who owns the process may connect (`SO_PEERCRED`).
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -55,6 +57,17 @@ impl RpcError {
 /// What the socket serves.
 pub trait Handler: Send + Sync + 'static {
     fn call(&self, method: String, params: Value) -> impl std::future::Future<Output = Result<Value, RpcError>> + Send;
+
+    /// Events for `subscribe`, each a JSON object with an increasing `event_id`; `None`
+    /// if this handler has none.
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<Value>> {
+        None
+    }
+}
+
+/// A notification line carrying one event.
+pub fn event_notification(event: &Value) -> Value {
+    json!({ "jsonrpc": "2.0", "method": "event", "params": event })
 }
 
 /// `RUNTIME/sotto-<hash of the profile path>.sock`: short enough for `sun_path`, one
@@ -112,30 +125,75 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
 }
 
 async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>) {
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    let write = Arc::new(tokio::sync::Mutex::new(write));
     let mut lines = BufReader::new(read);
     let mut line = Vec::new();
+    let mut forwarder: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         line.clear();
         let n = match (&mut lines).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
             Ok(n) => n,
-            Err(_) => return,
+            Err(_) => break,
         };
         if n == 0 {
-            return;
+            break;
         }
-        let response = if line.len() > MAX_LINE {
+        let oversized = line.len() > MAX_LINE;
+        let response = if oversized {
             error_response(Value::Null, &RpcError { code: INVALID_REQUEST, message: "request too large".into(), exit: ExitClass::Usage })
+        } else if let Some((id, events)) = subscription(&*handler, &line) {
+            // Forward events from now on; answer first so the client sees the result
+            // before the first notification.
+            let answer = json!({ "jsonrpc": "2.0", "id": id, "result": { "subscribed": events.is_some() } });
+            if write_line(&write, &answer).await.is_err() {
+                break;
+            }
+            if let (Some(events), None) = (events, &forwarder) {
+                forwarder = Some(tokio::spawn(forward(events, write.clone())));
+            }
+            continue;
         } else {
             answer(&*handler, &line).await
         };
-        let Some(response) = response else { continue };
-        let mut out = response.to_string().into_bytes();
-        out.push(b'\n');
-        if write.write_all(&out).await.is_err() {
-            return;
+        if let Some(response) = response {
+            if write_line(&write, &response).await.is_err() {
+                break;
+            }
         }
-        if line.len() > MAX_LINE {
+        if oversized {
+            break;
+        }
+    }
+    if let Some(f) = forwarder {
+        f.abort();
+    }
+}
+
+async fn write_line(write: &tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>, value: &Value) -> io::Result<()> {
+    let mut out = value.to_string().into_bytes();
+    out.push(b'\n');
+    write.lock().await.write_all(&out).await
+}
+
+/// If `line` is a `subscribe` request: its id and the handler's events.
+fn subscription<H: Handler>(handler: &H, line: &[u8]) -> Option<(Value, Option<tokio::sync::broadcast::Receiver<Value>>)> {
+    let request: Value = serde_json::from_slice(line).ok()?;
+    if request.get("jsonrpc")?.as_str()? != "2.0" || request.get("method")?.as_str()? != "subscribe" {
+        return None;
+    }
+    Some((request.get("id").cloned().unwrap_or(Value::Null), handler.events()))
+}
+
+async fn forward(mut events: tokio::sync::broadcast::Receiver<Value>, write: Arc<tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>>) {
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            // A slow reader misses events; it learns so and can re-read state.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => json!({ "type": "lagged", "missed": n }),
+            Err(_) => return,
+        };
+        if write_line(&write, &event_notification(&event)).await.is_err() {
             return;
         }
     }
@@ -173,24 +231,38 @@ async fn answer<H: Handler>(handler: &H, line: &[u8]) -> Option<Value> {
     })
 }
 
+/// Connects to a running node's socket; `None` if none runs. A socket in a directory
+/// that is not ours, or served by another user, is never talked to.
+pub async fn connect_raw(path: &Path) -> Option<UnixStream> {
+    private_dir(path.parent()?, false).ok()?;
+    let stream = UnixStream::connect(path).await.ok()?;
+    stream.peer_cred().is_ok_and(|cred| cred.uid() == own_uid()).then_some(stream)
+}
+
 /// A client of a running node's control socket.
 pub struct ControlClient {
     lines: BufReader<tokio::net::unix::OwnedReadHalf>,
     write: tokio::net::unix::OwnedWriteHalf,
     next_id: u64,
+    /// Notifications that arrived while waiting for a response.
+    pending: std::collections::VecDeque<Value>,
 }
 
 impl ControlClient {
-    /// Connects if a node is running for this socket; `None` if none is. A socket in a
-    /// directory that is not ours, or served by another user, is never talked to.
+    /// Connects if a node is running for this socket; `None` if none is.
     pub async fn connect(path: &Path) -> Option<ControlClient> {
-        private_dir(path.parent()?, false).ok()?;
-        let stream = UnixStream::connect(path).await.ok()?;
-        if !stream.peer_cred().is_ok_and(|cred| cred.uid() == own_uid()) {
-            return None;
+        let (read, write) = connect_raw(path).await?.into_split();
+        Some(ControlClient { lines: BufReader::new(read), write, next_id: 1, pending: Default::default() })
+    }
+
+    async fn read_message(&mut self) -> Result<Value, RpcError> {
+        let lost = |_| RpcError::new(ExitClass::Failure, "lost the connection to the running sotto node");
+        let mut line = Vec::new();
+        let n = (&mut self.lines).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await.map_err(lost)?;
+        if n == 0 || line.len() > MAX_LINE {
+            return Err(RpcError::new(ExitClass::Failure, "the running sotto node closed the control connection"));
         }
-        let (read, write) = stream.into_split();
-        Some(ControlClient { lines: BufReader::new(read), write, next_id: 1 })
+        serde_json::from_slice(&line).map_err(|_| RpcError::new(ExitClass::Failure, "unreadable answer from the running sotto node"))
     }
 
     pub async fn call(&mut self, method: &str, params: Value) -> Result<Value, RpcError> {
@@ -198,15 +270,16 @@ impl ControlClient {
         self.next_id += 1;
         let mut out = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }).to_string().into_bytes();
         out.push(b'\n');
-        let lost = |_| RpcError::new(ExitClass::Failure, "lost the connection to the running sotto node");
-        self.write.write_all(&out).await.map_err(lost)?;
-        let mut line = Vec::new();
-        let n = (&mut self.lines).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await.map_err(lost)?;
-        if n == 0 || line.len() > MAX_LINE {
-            return Err(RpcError::new(ExitClass::Failure, "the running sotto node closed the control connection"));
-        }
-        let response: Value = serde_json::from_slice(&line)
-            .map_err(|_| RpcError::new(ExitClass::Failure, "unreadable answer from the running sotto node"))?;
+        self.write.write_all(&out).await.map_err(|_| RpcError::new(ExitClass::Failure, "lost the connection to the running sotto node"))?;
+        let response = loop {
+            let message = self.read_message().await?;
+            if message.get("id").is_some_and(|i| i == &json!(id)) {
+                break message;
+            }
+            if message.get("method").is_some() {
+                self.pending.push_back(message);
+            }
+        };
         if let Some(error) = response.get("error") {
             let exit =
                 error.pointer("/data/exit").and_then(Value::as_u64).map(|c| ExitClass::from_code(c as u8)).unwrap_or(ExitClass::Failure);
@@ -216,15 +289,32 @@ impl ControlClient {
         }
         Ok(response.get("result").cloned().unwrap_or(Value::Null))
     }
+
+    /// The next event after `subscribe` (its `params`).
+    pub async fn next_event(&mut self) -> Result<Value, RpcError> {
+        loop {
+            let message = match self.pending.pop_front() {
+                Some(m) => m,
+                None => self.read_message().await?,
+            };
+            if message.get("method").and_then(Value::as_str) == Some("event") {
+                return Ok(message.get("params").cloned().unwrap_or(Value::Null));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    struct Echo;
+    struct Echo(tokio::sync::broadcast::Sender<Value>);
 
     impl Handler for Echo {
+        fn events(&self) -> Option<tokio::sync::broadcast::Receiver<Value>> {
+            Some(self.0.subscribe())
+        }
+
         async fn call(&self, method: String, params: Value) -> Result<Value, RpcError> {
             match method.as_str() {
                 "echo" => Ok(params),
@@ -240,10 +330,18 @@ mod tests {
         let path = socket_path(&dir.path().join("run"), Path::new("/some/profile"));
         let listener = bind(&path).await.unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        tokio::spawn(serve(listener, Arc::new(Echo)));
+        let events = tokio::sync::broadcast::channel(8).0;
+        tokio::spawn(serve(listener, Arc::new(Echo(events.clone()))));
 
         let mut client = ControlClient::connect(&path).await.unwrap();
         assert_eq!(client.call("echo", json!({"a": 1})).await.unwrap(), json!({"a": 1}));
+        assert_eq!(client.call("subscribe", json!({})).await.unwrap(), json!({"subscribed": true}));
+        events.send(json!({"event_id": 1, "type": "presence"})).unwrap();
+        events.send(json!({"event_id": 2, "type": "message"})).unwrap();
+        // A call made while events arrive still gets its own answer; the events wait.
+        assert_eq!(client.call("echo", json!(7)).await.unwrap(), json!(7));
+        assert_eq!(client.next_event().await.unwrap()["event_id"], 1);
+        assert_eq!(client.next_event().await.unwrap()["event_id"], 2);
         let e = client.call("fail", json!({})).await.unwrap_err();
         assert_eq!((e.code, e.exit, e.message.as_str()), (APP_ERROR, ExitClass::Unreachable, "bob is offline"));
         assert_eq!(client.call("nope", json!({})).await.unwrap_err().code, METHOD_NOT_FOUND);

@@ -15,6 +15,7 @@ use super::exit::{UntrustedError, UsageError};
 use sotto::app::{self, NodeMethods};
 use sotto::clock::{rfc3339, unix_now};
 use sotto::control;
+use sotto::keys::Identity;
 use sotto::online::{self, Event, Presence};
 use sotto::peer::agent::{Agent, AgentConfig, AgentEvent};
 use sotto::peer::session::MAX_BODY;
@@ -51,27 +52,58 @@ fn clock_of(ms: u64) -> String {
     rfc3339(ms)[11..19].to_string()
 }
 
-pub async fn up(ctx: &Context, listen: SocketAddr, ttl: u64, json: bool) -> Result<()> {
-    let profile = ctx.profile()?;
-    let (server, username) = ctx.account(&profile)?;
-    let identity = Arc::new(ctx.unlock(&profile)?);
-    let cert = peer_cert(&profile)?;
-    let control = control::bind(&ctx.socket_path())
-        .await
-        .with_context(|| format!("cannot open the control socket {}", ctx.socket_path().display()))?;
-    let store = open_store(&profile)?;
-    let agent = Agent::start(identity.clone(), store, &cert, AgentConfig { username: username.clone(), server: server.clone(), listen })?;
-    let addrs = agent.advertised_addrs().await;
-    tokio::spawn(control::serve(control, Arc::new(NodeMethods { agent: agent.clone(), server: server.clone() })));
-    tokio::spawn(print_events(agent.subscribe(), json));
+/// A node started by this process: peer agent, control socket, presence to keep.
+struct LocalNode {
+    agent: Agent,
+    identity: Arc<Identity>,
+    presence: Presence,
+    socket: std::path::PathBuf,
+}
 
-    let presence = Presence { server: server.clone(), username: username.clone(), addrs: addrs.clone(), cert_sha256: cert.sha256(), ttl };
+impl LocalNode {
+    /// Unlocks the identity, opens the database, binds the peer endpoint and the
+    /// control socket, and starts watching contacts' presence.
+    async fn start(ctx: &Context, listen: SocketAddr, ttl: u64) -> Result<LocalNode> {
+        let profile = ctx.profile()?;
+        let (server, username) = ctx.account(&profile)?;
+        let identity = Arc::new(ctx.unlock(&profile)?);
+        let cert = peer_cert(&profile)?;
+        let socket = ctx.socket_path();
+        let control = control::bind(&socket).await.with_context(|| format!("cannot open the control socket {}", socket.display()))?;
+        let store = open_store(&profile)?;
+        let agent =
+            Agent::start(identity.clone(), store, &cert, AgentConfig { username: username.clone(), server: server.clone(), listen })?;
+        let addrs = agent.advertised_addrs().await;
+        agent.watch_contacts();
+        tokio::spawn(control::serve(control, Arc::new(NodeMethods::new(agent.clone(), server.clone()))));
+        let presence = Presence { server, username, addrs, cert_sha256: cert.sha256(), ttl };
+        Ok(LocalNode { agent, identity, presence, socket })
+    }
+
+    /// Publishes presence until `stopped` turns true (or a fatal error), then stops.
+    async fn stay_online(self, stopped: watch::Receiver<bool>, on_event: impl Fn(Event)) -> Result<()> {
+        let result = online::stay_online(&self.identity, &self.presence, stopped, on_event).await;
+        self.agent.shutdown().await;
+        let _ = std::fs::remove_file(&self.socket);
+        Ok(result?)
+    }
+}
+
+/// A watch channel that turns true on SIGINT or SIGTERM.
+fn stop_on_signal() -> watch::Receiver<bool> {
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
-    let result = online::stay_online(&identity, &presence, stopped, |event| match event {
+    stopped
+}
+
+pub async fn up(ctx: &Context, listen: SocketAddr, ttl: u64, json: bool) -> Result<()> {
+    let node = LocalNode::start(ctx, listen, ttl).await?;
+    tokio::spawn(print_events(node.agent.subscribe(), json));
+    let (server, username, addrs) = (node.presence.server.clone(), node.presence.username.clone(), node.presence.addrs.clone());
+    node.stay_online(stop_on_signal(), |event| match event {
         Event::Online { observed, expires_in } if json => {
             say(json!({ "event": "online", "username": username.as_str(), "observed": observed.to_string(), "addrs": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "renew_secs": expires_in / 3 }))
         }
@@ -85,10 +117,46 @@ pub async fn up(ctx: &Context, listen: SocketAddr, ttl: u64, json: bool) -> Resu
         Event::Withdrawn if json => say(json!({ "event": "offline", "username": username.as_str() })),
         Event::Withdrawn => say(format!("{username} is offline")),
     })
-    .await;
-    agent.shutdown().await;
-    let _ = std::fs::remove_file(ctx.socket_path());
-    Ok(result?)
+    .await
+}
+
+/// `sotto rpc --stdio`: JSON-RPC on standard input and output, served by the running
+/// node, or by one started here for as long as standard input stays open.
+pub async fn rpc(ctx: &Context) -> Result<()> {
+    if let Some(stream) = control::connect_raw(&ctx.socket_path()).await {
+        return proxy(stream).await;
+    }
+    let node = LocalNode::start(ctx, ([0, 0, 0, 0], 0).into(), 60).await?;
+    let stream = control::connect_raw(&node.socket).await.context("cannot reach the node this process started")?;
+    let (stop, stopped) = watch::channel(false);
+    let mut signal = stop_on_signal();
+    let online = tokio::spawn(node.stay_online(stopped, |event| {
+        if let Event::Lost { reason, retry_in } = event {
+            eprintln!("{reason}; retrying in {:.1} s", retry_in.as_secs_f32());
+        }
+    }));
+    tokio::select! {
+        result = proxy(stream) => result?,
+        _ = signal.changed() => {}
+    }
+    let _ = stop.send(true);
+    online.await.context("the node task failed")?
+}
+
+/// Copies standard input to the control socket and the socket to standard output
+/// until standard input ends and the node has answered.
+async fn proxy(stream: tokio::net::UnixStream) -> Result<()> {
+    let (mut from_node, mut to_node) = stream.into_split();
+    let upstream = async {
+        tokio::io::copy(&mut tokio::io::stdin(), &mut to_node).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut to_node).await
+    };
+    let mut stdout = tokio::io::stdout();
+    let downstream = tokio::io::copy(&mut from_node, &mut stdout);
+    let (up, down) = tokio::join!(upstream, downstream);
+    up.context("reading standard input")?;
+    down.context("writing standard output")?;
+    Ok(())
 }
 
 async fn print_events(mut events: tokio::sync::broadcast::Receiver<AgentEvent>, json: bool) {
@@ -118,6 +186,10 @@ async fn print_events(mut events: tokio::sync::broadcast::Receiver<AgentEvent>, 
             }
             AgentEvent::Delivered { peer, id } if json => {
                 say(json!({ "event": "delivered", "peer": peer.as_str(), "id": hex::encode(id) }))
+            }
+            AgentEvent::Presence { peer, online } if json => say(json!({ "event": "presence", "peer": peer.as_str(), "online": online })),
+            AgentEvent::Presence { peer, online } => {
+                say(format!("[{}] {peer} {}", clock_of(sotto::clock::unix_now_ms()), if online { "is online" } else { "went offline" }))
             }
             _ => {}
         }

@@ -102,6 +102,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// JSON-RPC 2.0 for programs, one object per line (see docs/rpc.md).
+    Rpc {
+        /// Serve on standard input and output (the only transport).
+        #[arg(long, required = true)]
+        stdio: bool,
+    },
     /// Run the whole flow on this machine in a temporary directory.
     Demo,
 }
@@ -154,7 +160,10 @@ pub fn init_logging(verbose: u8, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SOTTO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("sotto={level},warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    // Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org).
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(colour).init();
 }
 
 /// Where control sockets live: `$XDG_RUNTIME_DIR/sotto`, or a per-user directory in /tmp
@@ -192,6 +201,7 @@ pub async fn run(args: Args) -> Result<()> {
         }
         Command::Online { json } => messaging::online(&ctx, json).await,
         Command::Lookup { user, json } => messaging::lookup(&ctx, &user, json).await,
+        Command::Rpc { .. } => messaging::rpc(&ctx).await,
         Command::Demo => demo::run().await,
     }
 }

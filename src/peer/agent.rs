@@ -20,12 +20,12 @@ use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
 use crate::presence::PresenceRecord;
-use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, LOOKUP_SKEW};
+use crate::quic::{read_frame, write_frame};
+use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, WatchEvent, LOOKUP_SKEW};
 use crate::rendezvous::proto::Refusal;
 use crate::store::{Contact, Direction, State, Store, StoreError, StoredMessage};
 use crate::tls::{self, CertKey};
 use crate::username::Username;
-use crate::quic::{read_frame, write_frame};
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,10 +80,27 @@ pub enum SendError {
 #[derive(Clone, Debug)]
 pub enum AgentEvent {
     Received(StoredMessage),
-    Delivered { peer: Username, id: [u8; 16] },
-    KeyChanged { peer: Username, pinned: IdentityKey, presented: IdentityKey },
-    SessionOpened { peer: Username, dialed: bool },
-    SessionClosed { peer: Username },
+    Delivered {
+        peer: Username,
+        id: [u8; 16],
+    },
+    KeyChanged {
+        peer: Username,
+        pinned: IdentityKey,
+        presented: IdentityKey,
+    },
+    SessionOpened {
+        peer: Username,
+        dialed: bool,
+    },
+    SessionClosed {
+        peer: Username,
+    },
+    /// A contact came online or went offline (pushed by the rendezvous node).
+    Presence {
+        peer: Username,
+        online: bool,
+    },
 }
 
 /// How to reach the rendezvous node and who we are there.
@@ -118,6 +135,12 @@ struct Inner {
     events: broadcast::Sender<AgentEvent>,
     next_session: AtomicU64,
     last_timestamp: AtomicU64,
+    /// Contacts' presence as last pushed by the node.
+    presence: Mutex<HashMap<Username, bool>>,
+    /// Wakes the presence watch when a contact is added.
+    contacts_changed: tokio::sync::Notify,
+    /// Background tasks to stop on shutdown.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A running peer. Cheap to clone.
@@ -147,6 +170,9 @@ impl Agent {
             events,
             next_session: AtomicU64::new(1),
             last_timestamp: AtomicU64::new(0),
+            presence: Mutex::new(HashMap::new()),
+            contacts_changed: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
         });
         tokio::spawn(accept_loop(inner.clone()));
         Ok(Agent { inner })
@@ -166,6 +192,18 @@ impl Agent {
         let node = self.inner.config.server.resolve().await.ok().and_then(|a| a.first().copied());
         let ip = node.and_then(route_ip).unwrap_or(IpAddr::from([127, 0, 0, 1]));
         vec![SocketAddr::new(ip, local.port())]
+    }
+
+    /// Keeps watching the contacts' presence at the node for as long as the agent runs,
+    /// reconnecting with backoff; changes arrive as [`AgentEvent::Presence`].
+    pub fn watch_contacts(&self) {
+        let task = tokio::spawn(watch_contacts(self.inner.clone()));
+        lock(&self.inner.tasks).push(task);
+    }
+
+    /// Whether `user` is online, as last pushed by the node (`None` before the first push).
+    pub fn presence_of(&self, user: &Username) -> Option<bool> {
+        lock(&self.inner.presence).get(user).copied()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
@@ -303,6 +341,9 @@ impl Agent {
 
     /// Closes every session and the endpoint.
     pub async fn shutdown(&self) {
+        for task in lock(&self.inner.tasks).drain(..) {
+            task.abort();
+        }
         let sessions: Vec<_> = lock(&self.inner.sessions).drain().map(|(_, s)| s).collect();
         for s in sessions {
             s.conn.close(0u32.into(), b"bye");
@@ -384,8 +425,74 @@ fn check_trust(inner: &Inner, user: &Username, key: &IdentityKey, noise: &NoiseB
     }
     if created {
         info!(peer = %user, "pinned identity key on first contact");
+        inner.contacts_changed.notify_one();
     }
     Ok(contact)
+}
+
+/// Records a contact's presence and announces it if it changed.
+fn set_presence(inner: &Inner, user: Username, online: bool) {
+    let before = lock(&inner.presence).insert(user.clone(), online);
+    // A first look that finds a contact offline is no news.
+    if before != Some(online) && (before.is_some() || online) {
+        let _ = inner.events.send(AgentEvent::Presence { peer: user, online });
+    }
+}
+
+async fn watch_contacts(inner: Arc<Inner>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let names: Vec<Username> = match inner.store.contacts() {
+            Ok(contacts) => contacts.into_iter().map(|c| c.username).take(crate::rendezvous::proto::MAX_ONLINE_LIST).collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot read contacts for the presence watch");
+                Vec::new()
+            }
+        };
+        if names.is_empty() {
+            inner.contacts_changed.notified().await;
+            continue;
+        }
+        debug!(contacts = names.len(), "watching contacts' presence");
+        let watch = match node_client(&inner).await {
+            Ok(node) => node.watch(&names).await,
+            Err(e) => Err(e),
+        };
+        match watch {
+            Ok((online, mut watch)) => {
+                debug!(online = online.len(), "presence watch open");
+                backoff = Duration::from_secs(1);
+                for name in &names {
+                    set_presence(&inner, name.clone(), online.contains(name));
+                }
+                loop {
+                    tokio::select! {
+                        event = watch.next() => match event {
+                            Ok(WatchEvent::Online(online)) => {
+                                for name in &names {
+                                    set_presence(&inner, name.clone(), online.contains(name));
+                                }
+                            }
+                            Ok(WatchEvent::Changed { username, online }) => set_presence(&inner, username, online),
+                            Err(e) => {
+                                debug!(error = %e, "presence watch ended");
+                                break;
+                            }
+                        },
+                        _ = inner.contacts_changed.notified() => {
+                            debug!("contacts changed; watching the new list");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, retry_in = ?backoff, "presence watch failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }
 
 /// Queues one message on a session and waits for its ack, all within [`ACK_TIMEOUT`].

@@ -214,7 +214,10 @@ impl RendezvousClient {
 pub enum WatchEvent {
     /// Exactly these watched users are online (at the start, and after a resync).
     Online(Vec<Username>),
-    Changed { username: Username, online: bool },
+    Changed {
+        username: Username,
+        online: bool,
+    },
 }
 
 /// An open watch; dropping it ends it.
@@ -226,7 +229,8 @@ pub struct Watch {
 impl Watch {
     /// The next change; an error when the node or the connection ends the watch.
     pub async fn next(&mut self) -> Result<WatchEvent, ClientError> {
-        let frame = crate::quic::read_frame(&mut self.recv, MAX_FRAME).await.map_err(|_| ClientError::Protocol)?.ok_or(ClientError::Protocol)?;
+        let frame =
+            crate::quic::read_frame(&mut self.recv, MAX_FRAME).await.map_err(|_| ClientError::Protocol)?.ok_or(ClientError::Protocol)?;
         match decode_message::<Response>(&frame).map_err(|_| ClientError::Protocol)? {
             Response::Watching { online } => Ok(WatchEvent::Online(online)),
             Response::PresenceChanged { username, online } => Ok(WatchEvent::Changed { username, online }),

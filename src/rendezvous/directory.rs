@@ -164,7 +164,10 @@ mod tests {
         let alice = identity(1);
         let mut dir = Directory::new(Freshness::DEFAULT);
         let signed = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &alice.secret);
-        assert_eq!(dir.publish(&name("alice"), &alice.public(), signed.clone(), 7, NOW), Ok(Some(Change { username: name("alice"), online: true })));
+        assert_eq!(
+            dir.publish(&name("alice"), &alice.public(), signed.clone(), 7, NOW),
+            Ok(Some(Change { username: name("alice"), online: true }))
+        );
         let again = SignedPresence::sign(&record(&alice, "alice", 2, NOW, 60), &alice.secret);
         assert_eq!(dir.publish(&name("alice"), &alice.public(), again.clone(), 7, NOW), Ok(None), "a republish is no change");
         assert_eq!(dir.current(&name("alice"), NOW + 59), Some(&again));

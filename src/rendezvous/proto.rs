@@ -117,8 +117,13 @@ pub enum Response {
     },
     Refused(Refusal),
     /// The watched users online now (also sent again if the node skipped changes).
-    Watching { online: Vec<Username> },
-    PresenceChanged { username: Username, online: bool },
+    Watching {
+        online: Vec<Username>,
+    },
+    PresenceChanged {
+        username: Username,
+        online: bool,
+    },
     #[serde(other)]
     Unknown,
 }
