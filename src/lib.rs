@@ -4,6 +4,7 @@
 pub mod address;
 pub mod app;
 pub mod clock;
+pub mod config;
 pub mod control;
 pub mod exit;
 pub mod idfile;

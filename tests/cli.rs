@@ -209,3 +209,32 @@ fn demo_runs_and_exits_zero() {
         assert!(text.contains(expected), "demo output lacks {expected:?}:\n{text}");
     }
 }
+
+#[test]
+fn completions_man_page_and_config_defaults() {
+    let root = tempfile::tempdir().unwrap();
+    let out = run(sotto(root.path()).args(["completions", "bash"]));
+    assert!(out.status.success() && stdout(&out).contains("complete") && stdout(&out).contains("sotto"));
+    let out = run(sotto(root.path()).arg("man"));
+    assert!(out.status.success() && stdout(&out).contains(".TH sotto 1"), "{}", stderr(&out));
+
+    // The config file's server is the default for register; a bad key is a usage error.
+    let node = NodeProcess::start(&root.path().join("node"));
+    let alice = User::new(root.path(), "alice");
+    alice.id_new();
+    let config = root.path().join("config.toml");
+    std::fs::write(&config, format!("server = \"{}\"\nnotify = \"bell\"\n", node.address)).unwrap();
+    let mut register = alice.cmd(&["register", "alice", "--password-file"]);
+    register.arg(&alice.password).arg("--config").arg(&config);
+    let out = run(&mut register);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Registered alice"));
+
+    std::fs::write(&config, "sever = \"typo\"\n").unwrap();
+    let out = run(alice.cmd(&["id", "show"]).arg("--config").arg(&config));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown field `sever`"), "{}", stderr(&out));
+
+    let out = run(&mut alice.cmd(&["login", "alice", "--password-file", "/dev/null"]));
+    assert_eq!(out.status.code(), Some(2), "no --server and no config: a usage error");
+}

@@ -21,6 +21,7 @@ pub struct Context {
     pub home: PathBuf,
     pub passphrase_file: Option<PathBuf>,
     pub runtime_dir: PathBuf,
+    pub config: sotto::config::Config,
 }
 
 impl Context {
@@ -86,7 +87,7 @@ pub fn id_new(ctx: &Context) -> Result<()> {
     Ok(())
 }
 
-pub fn id_show(ctx: &Context, json: bool) -> Result<()> {
+pub fn id_show(ctx: &Context, json: bool, qr: bool) -> Result<()> {
     let profile = ctx.profile()?;
     let header = profile.identity_header()?;
     let key = header.identity_key()?;
@@ -109,8 +110,18 @@ pub fn id_show(ctx: &Context, json: bool) -> Result<()> {
         if let (Some(user), Some(server)) = (config.username, config.server) {
             println!("account       {user} at {server}");
         }
+        if qr {
+            println!("\n{}", fingerprint_qr(key.fingerprint().digits())?);
+        }
     }
     Ok(())
+}
+
+/// The fingerprint's digits as a QR code drawn with half-block characters.
+fn fingerprint_qr(digits: &str) -> Result<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code = qrcode::QrCode::new(digits.as_bytes())?;
+    Ok(code.render::<Dense1x2>().quiet_zone(true).build())
 }
 
 pub async fn rendezvous(listen: SocketAddr, data: PathBuf, public_host: Option<String>) -> Result<()> {
@@ -133,7 +144,10 @@ pub enum AccountAction {
 
 pub async fn account(ctx: &Context, args: super::AccountArgs, action: AccountAction) -> Result<()> {
     let username = Username::parse(&args.user)?;
-    let server: ServerAddress = args.server.parse()?;
+    let Some(server) = args.server.as_ref().or(ctx.config.server.as_ref()) else {
+        bail!(super::exit::UsageError("--server ADDRESS is required (or set `server` in the config file)".into()));
+    };
+    let server: ServerAddress = server.parse()?;
     let profile = ctx.profile()?;
     let identity = ctx.unlock(&profile)?;
     let password = Source { file: args.password_file.as_deref(), stdin: args.password_stdin, what: "account password" }

@@ -26,6 +26,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<UsageError>().is_some()
             || cause.downcast_ref::<InvalidUsername>().is_some()
             || cause.downcast_ref::<AddressError>().is_some()
+            || cause.downcast_ref::<sotto::config::ConfigError>().is_some()
         {
             return ExitClass::Usage as u8;
         }

@@ -15,6 +15,7 @@ use super::exit::{UntrustedError, UsageError};
 use sotto::app::{self, NodeMethods};
 use sotto::clock::{rfc3339, unix_now};
 use sotto::control;
+use sotto::config::Notify;
 use sotto::keys::Identity;
 use sotto::online::{self, Event, Presence};
 use sotto::peer::agent::{Agent, AgentConfig, AgentEvent};
@@ -101,7 +102,7 @@ fn stop_on_signal() -> watch::Receiver<bool> {
 
 pub async fn up(ctx: &Context, listen: SocketAddr, ttl: u64, json: bool) -> Result<()> {
     let node = LocalNode::start(ctx, listen, ttl).await?;
-    tokio::spawn(print_events(node.agent.subscribe(), json));
+    tokio::spawn(print_events(node.agent.subscribe(), json, ctx.config.notify));
     let (server, username, addrs) = (node.presence.server.clone(), node.presence.username.clone(), node.presence.addrs.clone());
     node.stay_online(stop_on_signal(), |event| match event {
         Event::Online { observed, expires_in } if json => {
@@ -159,7 +160,31 @@ async fn proxy(stream: tokio::net::UnixStream) -> Result<()> {
     Ok(())
 }
 
-async fn print_events(mut events: tokio::sync::broadcast::Receiver<AgentEvent>, json: bool) {
+/// Tells the user a message arrived, as the config file asks: the terminal bell, or a
+/// desktop notification naming the sender (never the text).
+pub(super) fn notify(how: Notify, from: &Username) {
+    match how {
+        Notify::Off => {}
+        Notify::Bell => {
+            let mut err = std::io::stderr();
+            let _ = err.write_all(b"\x07").and_then(|_| err.flush());
+        }
+        Notify::Desktop => {
+            let spawned = std::process::Command::new("notify-send")
+                .args(["sotto", &format!("New message from {from}")])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            if let Ok(mut child) = spawned {
+                // Reap it in the background; a missing or failing notifier is not an error.
+                std::thread::spawn(move || child.wait());
+            }
+        }
+    }
+}
+
+async fn print_events(mut events: tokio::sync::broadcast::Receiver<AgentEvent>, json: bool, how: Notify) {
     loop {
         let event = match events.recv().await {
             Ok(e) => e,
@@ -169,6 +194,9 @@ async fn print_events(mut events: tokio::sync::broadcast::Receiver<AgentEvent>, 
             }
             Err(_) => return,
         };
+        if let AgentEvent::Received(m) = &event {
+            notify(how, &m.peer);
+        }
         match event {
             AgentEvent::Received(m) if json => {
                 let mut v = app::message_json(&m);
@@ -344,14 +372,35 @@ pub async fn verify(ctx: &Context, user: &str, number: Option<&str>, json: bool)
             if let Some(changed) = result["changed_key_safety_number"].as_str() {
                 say(format!("{user} presented a CHANGED key; its safety number would be:"));
                 say(format!("  {changed}"));
+                say(format!("Compare the new number with {user} in person, then run `sotto contact verify {user} NUMBER`."));
+                return Ok(());
             }
-            say(format!("Compare it with {user} in person or on a call; if it matches, run `sotto contact verify {user} NUMBER`."));
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) && result["verified"] != true {
+                // A person at the keyboard: compare now and confirm.
+                if confirm(&format!("Does {user} see exactly this number? [y/N] "))? {
+                    return Box::pin(verify(ctx, user.as_str(), Some(number), false)).await;
+                }
+                say(format!("{user} stays unverified."));
+            } else {
+                say(format!("Compare it with {user} in person or on a call; if it matches, run `sotto contact verify {user} NUMBER`."));
+            }
         }
         (Some(true), None, Some(true)) => say(format!("{user}'s new key is now pinned and verified")),
         (Some(true), None, _) => say(format!("{user} is verified")),
         _ => say(&result),
     }
     Ok(())
+}
+
+/// Asks a yes/no question on the terminal; only "y" or "yes" is yes.
+fn confirm(question: &str) -> Result<bool> {
+    use std::io::BufRead;
+    let mut out = std::io::stdout().lock();
+    out.write_all(question.as_bytes())?;
+    out.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
 }
 
 /// Connects and signs in with this profile's identity.

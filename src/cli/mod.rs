@@ -32,6 +32,10 @@ pub struct Args {
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
 
+    /// Config file (default: the XDG config dir, e.g. ~/.config/sotto/config.toml).
+    #[arg(long, global = true, env = "SOTTO_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -59,9 +63,9 @@ pub enum Command {
     Login(AccountArgs),
     /// Stay online: receive messages, publish signed presence, withdraw on Ctrl-C.
     Up {
-        /// UDP address for direct peer sessions (port 0 picks a free one).
-        #[arg(long, default_value = "0.0.0.0:0")]
-        listen: SocketAddr,
+        /// UDP address for direct peer sessions [default: config `listen`, else 0.0.0.0:0].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Presence record lifetime in seconds (the node caps it).
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(10..=3600))]
         ttl: u64,
@@ -110,6 +114,12 @@ pub enum Command {
     },
     /// Run the whole flow on this machine in a temporary directory.
     Demo,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `sotto man | man -l -`.
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
@@ -118,8 +128,11 @@ pub enum IdCommand {
     New,
     /// Print the fingerprint and public keys (no passphrase needed).
     Show {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "qr")]
         json: bool,
+        /// Also draw the fingerprint as a QR code, for a phone to scan and compare.
+        #[arg(long)]
+        qr: bool,
     },
 }
 
@@ -140,8 +153,9 @@ pub struct AccountArgs {
     /// Username: 3-32 characters of a-z, 0-9, '_' and '-'.
     pub user: String,
     /// The node's server address, as it printed it: sotto://HOST:PORT#sha256:HEX
+    /// [default: config `server`].
     #[arg(long, value_name = "ADDRESS")]
-    pub server: String,
+    pub server: Option<String>,
     /// Read the account password from the first line of FILE.
     #[arg(long, value_name = "FILE", conflicts_with = "password_stdin")]
     pub password_file: Option<PathBuf>,
@@ -175,6 +189,10 @@ fn runtime_dir() -> PathBuf {
     }
 }
 
+fn config_path(args: &Args) -> Option<PathBuf> {
+    args.config.clone().or_else(|| directories::ProjectDirs::from("", "", "sotto").map(|d| d.config_dir().join("config.toml")))
+}
+
 fn home(args: &Args) -> Result<PathBuf> {
     if let Some(h) = &args.home {
         return Ok(h.clone());
@@ -185,14 +203,21 @@ fn home(args: &Args) -> Result<PathBuf> {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    let ctx = commands::Context { home: home(&args)?, passphrase_file: args.passphrase_file.clone(), runtime_dir: runtime_dir() };
+    let config = match config_path(&args) {
+        Some(path) => sotto::config::Config::load(&path)?,
+        None => sotto::config::Config::default(),
+    };
+    let ctx = commands::Context { home: home(&args)?, passphrase_file: args.passphrase_file.clone(), runtime_dir: runtime_dir(), config };
     match args.command {
         Command::Id(IdCommand::New) => commands::id_new(&ctx),
-        Command::Id(IdCommand::Show { json }) => commands::id_show(&ctx, json),
+        Command::Id(IdCommand::Show { json, qr }) => commands::id_show(&ctx, json, qr),
         Command::Rendezvous { listen, data, public_host } => commands::rendezvous(listen, data, public_host).await,
         Command::Register(a) => commands::account(&ctx, a, commands::AccountAction::Register).await,
         Command::Login(a) => commands::account(&ctx, a, commands::AccountAction::Login).await,
-        Command::Up { listen, ttl, json } => messaging::up(&ctx, listen, ttl, json).await,
+        Command::Up { listen, ttl, json } => {
+            let listen = listen.or(ctx.config.listen).unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+            messaging::up(&ctx, listen, ttl, json).await
+        }
         Command::Send { user, message } => messaging::send(&ctx, &user, message).await,
         Command::History { user, limit, json } => messaging::history(&ctx, user.as_deref(), limit as usize, json).await,
         Command::Contacts { json } => messaging::contacts(&ctx, json).await,
@@ -203,5 +228,11 @@ pub async fn run(args: Args) -> Result<()> {
         Command::Lookup { user, json } => messaging::lookup(&ctx, &user, json).await,
         Command::Rpc { .. } => messaging::rpc(&ctx).await,
         Command::Demo => demo::run().await,
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut <Args as clap::CommandFactory>::command(), "sotto", &mut script);
+            Ok(std::io::Write::write_all(&mut std::io::stdout(), &script)?)
+        }
+        Command::Man => Ok(clap_mangen::Man::new(<Args as clap::CommandFactory>::command()).render(&mut std::io::stdout())?),
     }
 }
