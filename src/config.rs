@@ -72,7 +72,8 @@ mod tests {
     #[test]
     fn parses_every_key() {
         let pin = "ab".repeat(32);
-        let c = Config::parse(&format!("server = \"sotto://h:1#sha256:{pin}\"\nlisten = \"0.0.0.0:7777\"\nnotify = \"desktop\"\n")).unwrap();
+        let c =
+            Config::parse(&format!("server = \"sotto://h:1#sha256:{pin}\"\nlisten = \"0.0.0.0:7777\"\nnotify = \"desktop\"\n")).unwrap();
         assert_eq!(c.listen, Some("0.0.0.0:7777".parse().unwrap()));
         assert_eq!(c.notify, Notify::Desktop);
         assert_eq!(Config::parse("").unwrap(), Config::default());

@@ -3,6 +3,7 @@
 
 pub mod address;
 pub mod app;
+pub mod chat;
 pub mod clock;
 pub mod config;
 pub mod control;

@@ -164,7 +164,8 @@ impl Raw {
         if send.write_all(bytes).await.is_ok() {
             let _ = send.finish();
         }
-        let bytes = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(HEADER_LEN + MAX_FRAME)).await.expect("node answers in time")?;
+        let bytes =
+            tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(HEADER_LEN + MAX_FRAME)).await.expect("node answers in time")?;
         Ok(decode_single_frame(&bytes, MAX_FRAME).and_then(decode_message::<Response>).expect("node answers with a valid frame"))
     }
 
@@ -178,7 +179,11 @@ impl Raw {
     }
 
     fn authenticate_request(&self, id: &Identity, user: &str, binding: &Binding) -> Request {
-        Request::Authenticate { username: name(user), identity_key: id.public(), proof: auth::prove(&id.secret, Purpose::Authenticate, binding, &name(user)) }
+        Request::Authenticate {
+            username: name(user),
+            identity_key: id.public(),
+            proof: auth::prove(&id.secret, Purpose::Authenticate, binding, &name(user)),
+        }
     }
 
     fn login_request(&self, id: &Identity, user: &str, password: &str) -> Request {
@@ -467,7 +472,9 @@ async fn wrong_alpn_fails_the_connection() {
     let node = start().await;
     let (config, mismatch) = tls::client_config(node.address.cert_sha256, b"wrong/1").unwrap();
     let endpoint = quinn::Endpoint::client(SocketAddr::from((LOCALHOST, 0))).unwrap();
-    let attempt = tokio::time::timeout(Duration::from_secs(10), endpoint.connect_with(config, node.local, "sotto-rendezvous").unwrap()).await.expect("the node answers the handshake");
+    let attempt = tokio::time::timeout(Duration::from_secs(10), endpoint.connect_with(config, node.local, "sotto-rendezvous").unwrap())
+        .await
+        .expect("the node answers the handshake");
     let err = attempt.expect_err("a connection with the wrong ALPN must fail");
     assert!(!mismatch.load(std::sync::atomic::Ordering::SeqCst), "the certificate was right; only the ALPN is wrong");
     assert!(matches!(err, quinn::ConnectionError::ConnectionClosed(_)), "the node closes the handshake: {err:?}");
@@ -619,7 +626,9 @@ async fn login_flood_is_rate_limited_but_key_sign_in_still_works() {
         assert_eq!(answer, Response::Refused(Refusal::InvalidCredentials), "attempt {attempt}");
     }
     let limited = |answer: Response| match answer {
-        Response::Refused(Refusal::RateLimited { retry_after_secs }) => assert!((1..=300).contains(&retry_after_secs), "{retry_after_secs}"),
+        Response::Refused(Refusal::RateLimited { retry_after_secs }) => {
+            assert!((1..=300).contains(&retry_after_secs), "{retry_after_secs}")
+        }
         other => panic!("expected RateLimited, got {other:?}"),
     };
     limited(attacker.call(&attacker.login_request(&attacker_id, "alice", "guess number 11")).await);

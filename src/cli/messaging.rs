@@ -14,8 +14,8 @@ use super::commands::{shutdown_signal, Context};
 use super::exit::{UntrustedError, UsageError};
 use sotto::app::{self, NodeMethods};
 use sotto::clock::{rfc3339, unix_now};
-use sotto::control;
 use sotto::config::Notify;
+use sotto::control;
 use sotto::keys::Identity;
 use sotto::online::{self, Event, Presence};
 use sotto::peer::agent::{Agent, AgentConfig, AgentEvent};
@@ -54,7 +54,7 @@ fn clock_of(ms: u64) -> String {
 }
 
 /// A node started by this process: peer agent, control socket, presence to keep.
-struct LocalNode {
+pub(super) struct LocalNode {
     agent: Agent,
     identity: Arc<Identity>,
     presence: Presence,
@@ -64,7 +64,7 @@ struct LocalNode {
 impl LocalNode {
     /// Unlocks the identity, opens the database, binds the peer endpoint and the
     /// control socket, and starts watching contacts' presence.
-    async fn start(ctx: &Context, listen: SocketAddr, ttl: u64) -> Result<LocalNode> {
+    pub(super) async fn start(ctx: &Context, listen: SocketAddr, ttl: u64) -> Result<LocalNode> {
         let profile = ctx.profile()?;
         let (server, username) = ctx.account(&profile)?;
         let identity = Arc::new(ctx.unlock(&profile)?);
@@ -82,7 +82,7 @@ impl LocalNode {
     }
 
     /// Publishes presence until `stopped` turns true (or a fatal error), then stops.
-    async fn stay_online(self, stopped: watch::Receiver<bool>, on_event: impl Fn(Event)) -> Result<()> {
+    pub(super) async fn stay_online(self, stopped: watch::Receiver<bool>, on_event: impl Fn(Event)) -> Result<()> {
         let result = online::stay_online(&self.identity, &self.presence, stopped, on_event).await;
         self.agent.shutdown().await;
         let _ = std::fs::remove_file(&self.socket);

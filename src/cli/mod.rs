@@ -1,6 +1,7 @@
 //! Command-line interface: parse, resolve the profile, dispatch. The work is done by
 //! the library; these modules read secrets, print results and pick exit codes.
 
+mod chat;
 mod commands;
 mod demo;
 pub mod exit;
@@ -112,12 +113,16 @@ pub enum Command {
         #[arg(long, required = true)]
         stdio: bool,
     },
+    /// Full-screen chat: contacts with presence, the conversation, delivery states
+    /// (uses the running `sotto up`, or goes online while open; logs to HOME/chat.log).
+    Chat {
+        /// Open the conversation with USER.
+        user: Option<String>,
+    },
     /// Run the whole flow on this machine in a temporary directory.
     Demo,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions {
-        shell: clap_complete::Shell,
-    },
+    Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff), e.g. `sotto man | man -l -`.
     Man,
 }
@@ -164,7 +169,12 @@ pub struct AccountArgs {
     pub password_stdin: bool,
 }
 
-pub fn init_logging(verbose: u8, quiet: bool) {
+/// Where logs go instead of stderr: a file for the full-screen `chat`.
+pub fn log_file(args: &Args) -> Option<PathBuf> {
+    matches!(args.command, Command::Chat { .. }).then(|| home(args).ok().map(|h| chat::log_path(&h))).flatten()
+}
+
+pub fn init_logging(verbose: u8, quiet: bool, log_file: Option<PathBuf>) {
     let level = match (quiet, verbose) {
         (true, _) => "error",
         (false, 0) => "warn",
@@ -177,7 +187,11 @@ pub fn init_logging(verbose: u8, quiet: bool) {
     // Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org).
     use std::io::IsTerminal;
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(colour).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match log_file {
+        Some(path) => logs.with_writer(chat::log_writer(&path)).with_ansi(false).init(),
+        None => logs.with_writer(std::io::stderr).with_ansi(colour).init(),
+    }
 }
 
 /// Where control sockets live: `$XDG_RUNTIME_DIR/sotto`, or a per-user directory in /tmp
@@ -227,6 +241,7 @@ pub async fn run(args: Args) -> Result<()> {
         Command::Online { json } => messaging::online(&ctx, json).await,
         Command::Lookup { user, json } => messaging::lookup(&ctx, &user, json).await,
         Command::Rpc { .. } => messaging::rpc(&ctx).await,
+        Command::Chat { user } => chat::chat(&ctx, user.as_deref()).await,
         Command::Demo => demo::run().await,
         Command::Completions { shell } => {
             let mut script = Vec::new();

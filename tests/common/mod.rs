@@ -12,7 +12,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_sotto");
 /// A `sotto` command with no environment leaking in from the machine.
 pub fn sotto(home: &Path) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.env_remove("SOTTO_HOME").env_remove("SOTTO_PASSPHRASE_FILE").env_remove("SOTTO_LOG").env_remove("SOTTO_CONFIG").env("NO_COLOR", "1");
+    cmd.env_remove("SOTTO_HOME")
+        .env_remove("SOTTO_PASSPHRASE_FILE")
+        .env_remove("SOTTO_LOG")
+        .env_remove("SOTTO_CONFIG")
+        .env("NO_COLOR", "1");
     // Never the machine's own config file.
     cmd.env("XDG_CONFIG_HOME", home.join(".no-config"));
     cmd.arg("--home").arg(home).stdin(Stdio::null());
