@@ -110,3 +110,38 @@ fn chat_sends_and_receives_in_a_real_terminal() {
     );
     assert!(alice.home.join("chat.log").exists(), "logs go to a file");
 }
+
+#[test]
+fn contact_verify_asks_at_a_terminal_and_marks_verified() {
+    if !Tmux::available() {
+        eprintln!("SKIPPED contact_verify_asks_at_a_terminal_and_marks_verified: tmux is not installed (apt-get install tmux)");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (_node, alice, bob) = node_and_users(root.path());
+    {
+        let _bob_up = bob.up();
+        alice.ok(&["send", "bob", "first contact"]);
+    }
+    let shown: serde_json::Value = serde_json::from_str(&alice.ok(&["contact", "verify", "bob", "--json"])).unwrap();
+    let number = shown["safety_number"].as_str().unwrap().to_string();
+    let verify = |answer: &str, name: &str| {
+        let command = format!(
+            "env -u SOTTO_HOME -u SOTTO_CONFIG XDG_CONFIG_HOME={} {} --home {} contact verify bob; echo EXIT=$?; sleep 60",
+            quoted(&alice.home.join(".no-config")),
+            quoted(Path::new(BIN)),
+            quoted(&alice.home)
+        );
+        let tmux = Tmux::start(name, &command);
+        let screen = tmux.wait_for("[y/N]");
+        assert!(screen.contains(&number), "the number to compare is on screen:\n{screen}");
+        tmux.keys(&[answer, "Enter"]);
+        tmux.wait_for("EXIT=")
+    };
+    let screen = verify("n", "verify-no");
+    assert!(screen.contains("bob stays unverified") && screen.contains("EXIT=0"), "{screen}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(alice.ok(&["contacts", "--json"]).trim()).unwrap()["verified"], false);
+    let screen = verify("y", "verify-yes");
+    assert!(screen.contains("bob is verified") && screen.contains("EXIT=0"), "{screen}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(alice.ok(&["contacts", "--json"]).trim()).unwrap()["verified"], true);
+}
