@@ -2,8 +2,11 @@
 //! on 127.0.0.1 with a temporary data directory. Each test checks the exact refusal,
 //! that the node still serves afterwards, and that the refused request left no trace.
 
+use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sotto::address::ServerAddress;
 use sotto::clock::unix_now;
@@ -13,11 +16,11 @@ use sotto::rendezvous::accounts::{Accounts, PasswordCost};
 use sotto::rendezvous::auth::{self, Binding, Purpose};
 use sotto::rendezvous::client::{ClientError, RendezvousClient};
 use sotto::rendezvous::node::{Node, NodeConfig, NodeError};
-use sotto::rendezvous::proto::{Refusal, Request, Response, ALPN, MAX_FRAME};
+use sotto::rendezvous::proto::{Refusal, Request, Response, ALPN, MAX_FRAME, MAX_ONLINE_LIST};
 use sotto::tls;
 use sotto::username::Username;
 use sotto::wire::{decode_message, decode_single_frame, encode_frame, encode_message, HEADER_LEN};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 
 const PASSWORD: &str = "correct horse battery";
@@ -28,6 +31,13 @@ const OTHER_HOST: [u8; 4] = [127, 0, 0, 2];
 // ---------------------------------------------------------------------------------
 // Helpers
 
+/// At most this many nodes run at once in this test binary. The account store awaits
+/// sled's `flush_async`, which locks up when about eight flushes run at once in one
+/// process (spacejam/sled#1241, reproduced by `concurrent_registrations_all_complete`);
+/// on a machine with many cores the parallel tests here would otherwise hang. Every
+/// test drives its node one request at a time, so four nodes flush at most four at once.
+static NODE_SLOTS: Semaphore = Semaphore::const_new(4);
+
 /// A node serving on 127.0.0.1 from a temporary data directory.
 struct TestNode {
     address: ServerAddress,
@@ -35,6 +45,7 @@ struct TestNode {
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), NodeError>>,
     dir: tempfile::TempDir,
+    _slot: SemaphorePermit<'static>,
 }
 
 fn config(dir: &tempfile::TempDir) -> NodeConfig {
@@ -46,13 +57,14 @@ fn config(dir: &tempfile::TempDir) -> NodeConfig {
 }
 
 async fn start_with(dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
+    let _slot = NODE_SLOTS.acquire().await.expect("the semaphore is never closed");
     let node = Node::bind(config).expect("node binds");
     let (address, local) = (node.address().clone(), node.local_addr().unwrap());
     let (shutdown, stop) = oneshot::channel::<()>();
     let task = tokio::spawn(node.run(async move {
         let _ = stop.await;
     }));
-    TestNode { address, local, shutdown, task, dir }
+    TestNode { address, local, shutdown, task, dir, _slot }
 }
 
 async fn start() -> TestNode {
@@ -139,21 +151,29 @@ struct Raw {
 impl Raw {
     /// Connects from `from` (port 0) without saying Hello.
     async fn connect(node: &TestNode, from: [u8; 4]) -> Raw {
-        let (config, _) = tls::client_config(node.address.cert_sha256, ALPN).unwrap();
         let endpoint = quinn::Endpoint::client(SocketAddr::from((from, 0))).unwrap();
-        let conn = endpoint.connect_with(config, node.local, "sotto-rendezvous").unwrap().await.expect("raw connection");
+        Raw::open(endpoint, node.address.cert_sha256, node.local).await
+    }
+
+    /// Connects over `endpoint` to the node at `to` with certificate `pin`.
+    async fn open(endpoint: quinn::Endpoint, pin: [u8; 32], to: SocketAddr) -> Raw {
+        let (config, _) = tls::client_config(pin, ALPN).unwrap();
+        let conn = endpoint.connect_with(config, to, "sotto-rendezvous").unwrap().await.expect("raw connection");
         let channel = tls::channel_binding(&conn, auth::EXPORTER_LABEL).unwrap();
         Raw { _endpoint: endpoint, conn, binding: Binding { challenge: [0; 32], channel } }
     }
 
     /// Connects and says Hello.
     async fn hello(node: &TestNode, from: [u8; 4]) -> Raw {
-        let mut raw = Raw::connect(node, from).await;
-        match raw.call(&Request::Hello).await {
-            Response::Challenge { challenge, .. } => raw.binding.challenge = challenge,
+        Raw::connect(node, from).await.say_hello().await
+    }
+
+    async fn say_hello(mut self) -> Raw {
+        match self.call(&Request::Hello).await {
+            Response::Challenge { challenge, .. } => self.binding.challenge = challenge,
             other => panic!("expected a challenge, got {other:?}"),
         }
-        raw
+        self
     }
 
     /// Sends `bytes` as the whole request stream; returns the node's answer, or how
@@ -187,13 +207,22 @@ impl Raw {
     }
 
     fn login_request(&self, id: &Identity, user: &str, password: &str) -> Request {
-        Request::Login(sotto::rendezvous::proto::Credentials {
+        self.credentials_request(Purpose::Login, id, user, password)
+    }
+
+    /// A `Register` or `Login` with a valid proof for this connection.
+    fn credentials_request(&self, purpose: Purpose, id: &Identity, user: &str, password: &str) -> Request {
+        let credentials = sotto::rendezvous::proto::Credentials {
             username: name(user),
             password: password.to_string(),
             identity_key: id.public(),
             noise: id.binding(),
-            proof: auth::prove(&id.secret, Purpose::Login, &self.binding, &name(user)),
-        })
+            proof: auth::prove(&id.secret, purpose, &self.binding, &name(user)),
+        };
+        match purpose {
+            Purpose::Register => Request::Register(credentials),
+            _ => Request::Login(credentials),
+        }
     }
 }
 
@@ -736,5 +765,141 @@ async fn proof_for_another_connection_is_bad_proof() {
     let for_b = b.authenticate_request(&alice_id, "alice", &b.binding);
     assert_eq!(b.call(&for_b).await, Response::Authenticated);
     node.assert_serving().await;
+    node.stop().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Known bugs. Each test below fails on the current node; remove its `ignore` with the fix.
+
+#[test]
+#[ignore = "bug: src/rendezvous/accounts.rs awaits sled's flush_async, which never completes when about eight run at once (spacejam/sled#1241)"]
+fn concurrent_registrations_all_complete() {
+    // A lock-up leaves threads stuck for good, so the registrations run in a child
+    // process (this same test, marked by the variable) that is killed if it hangs.
+    const CHILD: &str = "SOTTO_TEST_REGISTRATION_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = config(&dir);
+            // Hash in parallel, so the registrations reach the store together.
+            config.hash_workers = 16;
+            let node = start_with(dir, config).await;
+            // 80 registrations at once, 20 from each of four addresses (the node admits
+            // 20 an hour from each), then 80 logins at once that each bind a new key.
+            // Both write the store and wait for sled's flush.
+            for purpose in [Purpose::Register, Purpose::Login] {
+                let tasks: Vec<_> = (0..80u8)
+                    .map(|i| {
+                        let (pin, to) = (node.address.cert_sha256, node.local);
+                        tokio::spawn(async move {
+                            let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1 + i / 20], 0))).unwrap();
+                            let raw = Raw::open(endpoint, pin, to).await.say_hello().await;
+                            let request = raw.credentials_request(purpose, &Identity::generate(), &format!("user{i:02}"), PASSWORD);
+                            match raw.call(&request).await {
+                                Response::Registered | Response::LoggedIn { key_changed: true } => {}
+                                other => panic!("{purpose:?} of user{i:02}: {other:?}"),
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+            }
+            println!("ALL-REGISTERED");
+            node.stop().await;
+            println!("NODE-STOPPED");
+        });
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "concurrent_registrations_all_complete", "--include-ignored", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(
+        out.contains("ALL-REGISTERED"),
+        "80 simultaneous registrations, then 80 key-changing logins, did not all complete within 40 s: the account store locked up"
+    );
+    assert!(out.contains("NODE-STOPPED"), "the node did not shut down after the simultaneous registrations and logins");
+}
+
+#[test]
+#[ignore = "bug: MAX_ONLINE_LIST (500) usernames of 32 bytes do not fit in MAX_FRAME (16 KiB); src/rendezvous/proto.rs"]
+fn the_longest_online_list_fits_in_one_frame() {
+    // 500 names of 32 characters: what the node sends for `ListOnline` when that many
+    // such users are online (src/rendezvous/node.rs caps the list only by count), and
+    // what a client may put in `Watch`. A client reads at most MAX_FRAME bytes.
+    let longest: Vec<Username> = (0..MAX_ONLINE_LIST).map(|i| name(&format!("{i:0>32}"))).collect();
+    let messages = [
+        ("Online answer", encode_message(&Response::Online { usernames: longest.clone(), truncated: true })),
+        ("Watching answer", encode_message(&Response::Watching { online: longest.clone() })),
+        ("Watch request", encode_message(&Request::Watch { usernames: longest })),
+    ];
+    for (what, payload) in messages {
+        assert!(
+            payload.len() <= MAX_FRAME,
+            "a {what} naming {MAX_ONLINE_LIST} users of 32 characters is {} bytes; frames carry at most {MAX_FRAME}",
+            payload.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: src/rendezvous/node.rs serve_connection calls connection_closed while a Publish stream of that connection may still be handled, so the record stays listed until it expires"]
+async fn presence_published_as_the_connection_closes_does_not_linger() {
+    let node = start().await;
+    let (observer, _) = registered(&node, "observer").await;
+    let mut users = Vec::new();
+    for i in 0..16 {
+        let user = format!("user{i:02}");
+        let (client, id) = registered(&node, &user).await;
+        client.close().await;
+        users.push((user, Arc::new(id)));
+    }
+    // One endpoint for every connection, so each close reaches the node at once.
+    let endpoint = quinn::Endpoint::client(SocketAddr::from((LOCALHOST, 0))).unwrap();
+    for round in 1..=12u64 {
+        let tasks: Vec<_> = users
+            .iter()
+            .map(|(user, id)| {
+                let (endpoint, pin, to, user, id) = (endpoint.clone(), node.address.cert_sha256, node.local, user.clone(), id.clone());
+                tokio::spawn(async move {
+                    let raw = Raw::open(endpoint, pin, to).await.say_hello().await;
+                    assert_eq!(raw.call(&raw.authenticate_request(&id, &user, &raw.binding)).await, Response::Authenticated);
+                    // Publish, and close the connection without waiting for the answer.
+                    let (mut send, _recv) = raw.conn.open_bi().await.unwrap();
+                    send.write_all(&encode_frame(&encode_message(&Request::Publish(fresh(&id, &user, round))))).await.unwrap();
+                    let _ = send.finish();
+                    raw.conn.close(0u32.into(), b"bye");
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if online(&observer).await.is_empty() {
+            continue;
+        }
+        // Generous time for slow close handling before calling a record a ghost.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let ghosts = online(&observer).await;
+        assert!(
+            ghosts.is_empty(),
+            "round {round}: {ghosts:?} still online 3.5 s after their connections closed; the records stay until they expire"
+        );
+    }
     node.stop().await;
 }
