@@ -1,19 +1,20 @@
 //! Attacks on a running peer over real QUIC on 127.0.0.1: forged dialers, replayed
 //! initiations, tampered frames. The peer must refuse each and keep serving.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::node_in_process;
 use sotto::address::ServerAddress;
 use sotto::clock::unix_now_ns;
 use sotto::keys::Identity;
 use sotto::online::{self, Presence};
 use sotto::peer::agent::{Agent, AgentConfig, AgentEvent};
 use sotto::peer::session::{Dial, ALPN, MAX_HANDSHAKE_MESSAGE};
-use sotto::rendezvous::accounts::PasswordCost;
 use sotto::rendezvous::client::RendezvousClient;
-use sotto::rendezvous::node::{Node, NodeConfig};
 use sotto::store::{SledStore, Store};
 use sotto::tls::{self, CertKey};
 use sotto::username::Username;
@@ -40,12 +41,7 @@ struct World {
 /// bob has pinned her key.
 async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::new(([127, 0, 0, 1], 0).into(), dir.path().join("node"));
-    // Explicit, non-default low cost for test speed; the default is OWASP's.
-    config.password_cost = PasswordCost { memory_kib: 64, iterations: 1, parallelism: 1 };
-    let node = Node::bind(config).unwrap();
-    let server = node.address().clone();
-    tokio::spawn(node.run(std::future::pending()));
+    let server = node_in_process(dir.path()).await;
 
     let (alice, bob) = (Arc::new(Identity::generate()), Arc::new(Identity::generate()));
     for (id, user) in [(&alice, "alice"), (&bob, "bob")] {

@@ -1,13 +1,14 @@
 //! Pushed presence: a signed-in client watches users and hears them come and go.
 
+mod common;
+
 use std::time::Duration;
 
+use common::node_in_process;
 use sotto::clock::unix_now;
 use sotto::keys::Identity;
 use sotto::presence::{PresenceRecord, SignedPresence, RECORD_VERSION};
-use sotto::rendezvous::accounts::PasswordCost;
 use sotto::rendezvous::client::{ClientError, RendezvousClient, WatchEvent};
-use sotto::rendezvous::node::{Node, NodeConfig};
 use sotto::rendezvous::proto::Refusal;
 use sotto::username::Username;
 
@@ -34,12 +35,7 @@ fn record(id: &Identity, user: &str, seq: u64) -> SignedPresence {
 #[tokio::test]
 async fn watchers_hear_users_come_and_go() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::new(([127, 0, 0, 1], 0).into(), dir.path().join("node"));
-    // Explicit, non-default low cost for test speed; the default is OWASP's.
-    config.password_cost = PasswordCost { memory_kib: 64, iterations: 1, parallelism: 1 };
-    let node = Node::bind(config).unwrap();
-    let server = node.address().clone();
-    tokio::spawn(node.run(std::future::pending()));
+    let server = node_in_process(dir.path()).await;
 
     let (alice, bob, carol) = (Identity::generate(), Identity::generate(), Identity::generate());
     let mut clients = Vec::new();

@@ -190,3 +190,14 @@ pub fn node_and_users(root: &Path) -> (NodeProcess, User, User) {
     }
     (node, alice, bob)
 }
+
+/// A rendezvous node inside the test process, running until the test ends. It hashes
+/// passwords at the explicit, non-default low cost tests may use; the default is OWASP's.
+pub async fn node_in_process(dir: &Path) -> sotto::address::ServerAddress {
+    let mut config = sotto::rendezvous::node::NodeConfig::new(([127, 0, 0, 1], 0).into(), dir.join("node"));
+    config.password_cost = sotto::rendezvous::accounts::PasswordCost { memory_kib: 64, iterations: 1, parallelism: 1 };
+    let node = sotto::rendezvous::node::Node::bind(config).expect("node binds");
+    let server = node.address().clone();
+    tokio::spawn(node.run(std::future::pending()));
+    server
+}
