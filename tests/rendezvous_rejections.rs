@@ -769,10 +769,10 @@ async fn proof_for_another_connection_is_bad_proof() {
 }
 
 // ---------------------------------------------------------------------------------
-// Known bugs. Each test below fails on the current node; remove its `ignore` with the fix.
+// Regressions: each test below failed before its fix (sled flush lock-up, list size,
+// a publish racing the connection's close).
 
 #[test]
-#[ignore = "bug: src/rendezvous/accounts.rs awaits sled's flush_async, which never completes when about eight run at once (spacejam/sled#1241)"]
 fn concurrent_account_writes_all_complete() {
     // A lock-up leaves threads stuck for good, so the writes run in a child process
     // (this same test, marked by the variable) that is killed if it hangs.
@@ -809,7 +809,7 @@ fn concurrent_account_writes_all_complete() {
         return;
     }
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "concurrent_account_writes_all_complete", "--include-ignored", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "concurrent_account_writes_all_complete", "--nocapture", "--test-threads=1"])
         .env(CHILD, "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -830,7 +830,6 @@ fn concurrent_account_writes_all_complete() {
 }
 
 #[test]
-#[ignore = "bug: MAX_ONLINE_LIST (500) usernames of 32 bytes do not fit in MAX_FRAME (16 KiB); src/rendezvous/proto.rs"]
 fn the_longest_online_list_fits_in_one_frame() {
     // 500 names of 32 characters: what the node sends for `ListOnline` when that many
     // such users are online (src/rendezvous/node.rs caps the list only by count), and
@@ -851,7 +850,6 @@ fn the_longest_online_list_fits_in_one_frame() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: src/rendezvous/node.rs serve_connection calls connection_closed while a Publish stream of that connection may still be handled, so the record stays listed until it expires"]
 async fn presence_published_as_the_connection_closes_does_not_linger() {
     let node = start().await;
     let (observer, _) = registered(&node, "observer").await;

@@ -27,6 +27,8 @@ pub enum StoreError {
     Db(#[from] sled::Error),
     #[error("account record for {0} is damaged")]
     Corrupt(String),
+    #[error("the account database could not be flushed")]
+    FlushTask,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,7 +65,7 @@ impl Accounts {
         let bytes = postcard::to_stdvec(account).expect("postcard encodes into a Vec");
         let created = self.tree.compare_and_swap(user.as_str(), None as Option<&[u8]>, Some(bytes))?.is_ok();
         if created {
-            self.db.flush_async().await?;
+            self.flush().await?;
         }
         Ok(created)
     }
@@ -74,7 +76,7 @@ impl Accounts {
         let new = postcard::to_stdvec(new).expect("postcard encodes into a Vec");
         let swapped = self.tree.compare_and_swap(user.as_str(), Some(old), Some(new))?.is_ok();
         if swapped {
-            self.db.flush_async().await?;
+            self.flush().await?;
         }
         Ok(swapped)
     }
@@ -87,8 +89,12 @@ impl Accounts {
         self.tree.is_empty()
     }
 
+    /// Makes every write so far durable. sled's own `flush_async` can stall for good
+    /// when several run at once (spacejam/sled#1241), so the blocking flush runs on the
+    /// blocking pool instead.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush()).await.map_err(|_| StoreError::FlushTask)??;
         Ok(())
     }
 }

@@ -187,6 +187,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What the node knows about one client connection.
 struct Conn {
     id: ConnId,
+    /// Set when the connection is gone, before its records are dropped; a publish that
+    /// was still in flight checks it under the directory lock and is refused.
+    closed: std::sync::atomic::AtomicBool,
     remote: SocketAddr,
     binding: Binding,
     state: Mutex<ConnState>,
@@ -217,6 +220,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     rand::rngs::OsRng.fill_bytes(&mut challenge);
     let conn = Arc::new(Conn {
         id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
+        closed: std::sync::atomic::AtomicBool::new(false),
         remote,
         binding: Binding { challenge, channel },
         state: Mutex::new(ConnState::default()),
@@ -243,6 +247,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     }
     deadline.abort();
+    conn.closed.store(true, Ordering::SeqCst);
     let gone = lock(&shared.directory).connection_closed(conn.id);
     shared.announce(gone);
 }
@@ -454,7 +459,13 @@ fn authenticate(shared: &Shared, conn: &Conn, username: Username, key: IdentityK
 fn publish(shared: &Shared, conn: &Conn, user: &Username, signed: crate::presence::SignedPresence) -> Result<Response, Refusal> {
     // Read the account each time: a login elsewhere may have replaced the key.
     let account = shared.accounts.get(user).map_err(store_failed)?.ok_or(Refusal::NotAuthenticated)?;
-    let result = lock(&shared.directory).publish(user, &account.identity_key, signed, conn.id, unix_now());
+    let result = {
+        let mut directory = lock(&shared.directory);
+        if conn.closed.load(Ordering::SeqCst) {
+            return Err(Refusal::NotAuthenticated);
+        }
+        directory.publish(user, &account.identity_key, signed, conn.id, unix_now())
+    };
     match result {
         Ok(change) => {
             shared.announce(change);

@@ -19,8 +19,9 @@ use crate::username::Username;
 use crate::wire::Message;
 
 pub const ALPN: &[u8] = b"sotto-rendezvous/1";
-/// Largest request or response payload, checked before allocation.
-pub const MAX_FRAME: usize = 16 * 1024;
+/// Largest request or response payload, checked before allocation. Room for the
+/// longest list: 500 usernames of 32 bytes.
+pub const MAX_FRAME: usize = 32 * 1024;
 /// Longest password accepted, in bytes.
 pub const MAX_PASSWORD_BYTES: usize = 256;
 /// Shortest password accepted at registration, in characters.
