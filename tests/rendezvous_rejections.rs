@@ -20,7 +20,7 @@ use sotto::rendezvous::proto::{Refusal, Request, Response, ALPN, MAX_FRAME, MAX_
 use sotto::tls;
 use sotto::username::Username;
 use sotto::wire::{decode_message, decode_single_frame, encode_frame, encode_message, HEADER_LEN};
-use tokio::sync::{oneshot, Semaphore, SemaphorePermit};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 const PASSWORD: &str = "correct horse battery";
@@ -31,13 +31,6 @@ const OTHER_HOST: [u8; 4] = [127, 0, 0, 2];
 // ---------------------------------------------------------------------------------
 // Helpers
 
-/// At most this many nodes run at once in this test binary. The account store awaits
-/// sled's `flush_async`, which locks up when about eight flushes run at once in one
-/// process (spacejam/sled#1241, reproduced by `concurrent_account_writes_all_complete`);
-/// on a machine with many cores the parallel tests here would otherwise hang. Every
-/// test drives its node one request at a time, so four nodes flush at most four at once.
-static NODE_SLOTS: Semaphore = Semaphore::const_new(4);
-
 /// A node serving on 127.0.0.1 from a temporary data directory.
 struct TestNode {
     address: ServerAddress,
@@ -45,7 +38,6 @@ struct TestNode {
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), NodeError>>,
     dir: tempfile::TempDir,
-    _slot: SemaphorePermit<'static>,
 }
 
 fn config(dir: &tempfile::TempDir) -> NodeConfig {
@@ -57,14 +49,13 @@ fn config(dir: &tempfile::TempDir) -> NodeConfig {
 }
 
 async fn start_with(dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
-    let _slot = NODE_SLOTS.acquire().await.expect("the semaphore is never closed");
     let node = Node::bind(config).expect("node binds");
     let (address, local) = (node.address().clone(), node.local_addr().unwrap());
     let (shutdown, stop) = oneshot::channel::<()>();
     let task = tokio::spawn(node.run(async move {
         let _ = stop.await;
     }));
-    TestNode { address, local, shutdown, task, dir, _slot }
+    TestNode { address, local, shutdown, task, dir }
 }
 
 async fn start() -> TestNode {
@@ -851,47 +842,78 @@ fn the_longest_online_list_fits_in_one_frame() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_published_as_the_connection_closes_does_not_linger() {
+    // The node runs on this runtime's two workers; the publisher runs on its own
+    // runtime. While both workers are held, the publisher sends a Publish and then
+    // closes its connection, so the node reads the request and the close in one go:
+    // the request's stream is still handled after the connection is gone.
     let node = start().await;
     let (observer, _) = registered(&node, "observer").await;
-    let mut users = Vec::new();
-    for i in 0..16 {
-        let user = format!("user{i:02}");
-        let (client, id) = registered(&node, &user).await;
-        client.close().await;
-        users.push((user, Arc::new(id)));
-    }
-    // One endpoint for every connection, so each close reaches the node at once.
-    let endpoint = quinn::Endpoint::client(SocketAddr::from((LOCALHOST, 0))).unwrap();
-    for round in 1..=12u64 {
-        let tasks: Vec<_> = users
-            .iter()
-            .map(|(user, id)| {
-                let (endpoint, pin, to, user, id) = (endpoint.clone(), node.address.cert_sha256, node.local, user.clone(), id.clone());
+    let (client, alice) = registered(&node, "alice").await;
+    client.close().await;
+    let alice = Arc::new(alice);
+    let publisher = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (pin, to) = (node.address.cert_sha256, node.local);
+    for round in 1..=3u64 {
+        let id = alice.clone();
+        let raw = publisher
+            .spawn(async move {
+                let endpoint = quinn::Endpoint::client(SocketAddr::from((LOCALHOST, 0))).unwrap();
+                let raw = Raw::open(endpoint, pin, to).await.say_hello().await;
+                assert_eq!(raw.call(&raw.authenticate_request(&id, "alice", &raw.binding)).await, Response::Authenticated);
+                raw
+            })
+            .await
+            .unwrap();
+
+        // Hold both of the node's workers.
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let holds: Vec<_> = (0..2)
+            .map(|_| {
+                let held = held.clone();
                 tokio::spawn(async move {
-                    let raw = Raw::open(endpoint, pin, to).await.say_hello().await;
-                    assert_eq!(raw.call(&raw.authenticate_request(&id, &user, &raw.binding)).await, Response::Authenticated);
-                    // Publish, and close the connection without waiting for the answer.
-                    let (mut send, _recv) = raw.conn.open_bi().await.unwrap();
-                    send.write_all(&encode_frame(&encode_message(&Request::Publish(fresh(&id, &user, round))))).await.unwrap();
-                    let _ = send.finish();
-                    raw.conn.close(0u32.into(), b"bye");
+                    held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let since = Instant::now();
+                    while held.load(std::sync::atomic::Ordering::SeqCst) < 2 && since.elapsed() < Duration::from_secs(2) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
                 })
             })
             .collect();
-        for task in tasks {
-            task.await.unwrap();
+        let since = Instant::now();
+        while held.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            assert!(since.elapsed() < Duration::from_secs(2), "could not hold both node workers");
+            std::thread::sleep(Duration::from_millis(1));
         }
+        let id = alice.clone();
+        publisher
+            .spawn(async move {
+                let (mut send, _recv) = raw.conn.open_bi().await.unwrap();
+                send.write_all(&encode_frame(&encode_message(&Request::Publish(fresh(&id, "alice", round))))).await.unwrap();
+                send.finish().unwrap();
+                // Let the request leave, then close without waiting for the answer.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                raw.conn.close(0u32.into(), b"bye");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            })
+            .await
+            .unwrap();
+        for hold in holds {
+            hold.await.unwrap();
+        }
+
         tokio::time::sleep(Duration::from_millis(500)).await;
         if online(&observer).await.is_empty() {
             continue;
         }
-        // Generous time for slow close handling before calling a record a ghost.
+        // Generous time for slow close handling before calling the record a ghost.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let ghosts = online(&observer).await;
         assert!(
             ghosts.is_empty(),
-            "round {round}: {ghosts:?} still online 3.5 s after their connections closed; the records stay until they expire"
+            "round {round}: {ghosts:?} still online 3.5 s after the connection closed; the record stays until it expires"
         );
     }
+    publisher.shutdown_background();
     node.stop().await;
 }

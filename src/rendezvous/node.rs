@@ -152,7 +152,8 @@ impl Node {
                     tokio::spawn(serve_connection(self.shared.clone(), incoming));
                 }
                 _ = sweep.tick() => {
-                    let gone = lock(&self.shared.directory).expire(unix_now());
+                    let mut directory = lock(&self.shared.directory);
+                    let gone = directory.expire(unix_now());
                     if !gone.is_empty() {
                         debug!(gone = gone.len(), "expired presence records");
                     }
@@ -170,7 +171,9 @@ impl Node {
 }
 
 impl Shared {
-    /// Tells watchers about presence changes (nobody listening is fine).
+    /// Tells watchers about presence changes (nobody listening is fine). Callers hold
+    /// the directory lock while they call it, so watchers hear one user's changes in the
+    /// order they happened; sending on a broadcast channel never blocks.
     fn announce(&self, changes: impl IntoIterator<Item = Change>) {
         for change in changes {
             let _ = self.changes.send(change);
@@ -248,7 +251,8 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
     deadline.abort();
     conn.closed.store(true, Ordering::SeqCst);
-    let gone = lock(&shared.directory).connection_closed(conn.id);
+    let mut directory = lock(&shared.directory);
+    let gone = directory.connection_closed(conn.id);
     shared.announce(gone);
 }
 
@@ -287,7 +291,8 @@ async fn handle(shared: &Shared, conn: &Conn, request: Request) -> Response {
         Request::Authenticate { username, identity_key, proof } => authenticate(shared, conn, username, identity_key, proof),
         Request::Publish(signed) => signed_in(conn).and_then(|user| publish(shared, conn, &user, signed)),
         Request::Withdraw => signed_in(conn).map(|user| {
-            let gone = lock(&shared.directory).withdraw(&user, conn.id);
+            let mut directory = lock(&shared.directory);
+            let gone = directory.withdraw(&user, conn.id);
             shared.announce(gone);
             Response::Withdrawn
         }),
@@ -432,8 +437,10 @@ async fn login(shared: &Shared, conn: &Conn, c: Credentials) -> Result<Response,
         if !shared.accounts.replace(&c.username, &account, &rebound).await.map_err(store_failed)? {
             return Err(Refusal::Busy);
         }
-        let gone = lock(&shared.directory).forget(&c.username);
+        let mut directory = lock(&shared.directory);
+        let gone = directory.forget(&c.username);
         shared.announce(gone);
+        drop(directory);
     }
     info!(user = %c.username, remote = %conn.remote, key_changed, "logged in");
     lock(&shared.limits).succeeded(&c.username, ip, now);
@@ -464,13 +471,14 @@ fn publish(shared: &Shared, conn: &Conn, user: &Username, signed: crate::presenc
         if conn.closed.load(Ordering::SeqCst) {
             return Err(Refusal::NotAuthenticated);
         }
-        directory.publish(user, &account.identity_key, signed, conn.id, unix_now())
+        let result = directory.publish(user, &account.identity_key, signed, conn.id, unix_now());
+        if let Ok(change) = &result {
+            shared.announce(change.clone());
+        }
+        result
     };
     match result {
-        Ok(change) => {
-            shared.announce(change);
-            Ok(Response::Published { observed: conn.remote })
-        }
+        Ok(_) => Ok(Response::Published { observed: conn.remote }),
         Err(e) => {
             info!(user = %user, remote = %conn.remote, reason = %e, "presence refused");
             Err(match e {
