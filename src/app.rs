@@ -133,7 +133,7 @@ pub fn verify_contact(store: &dyn Store, me: &IdentityKey, user: &Username, numb
     };
     contact.verified = true;
     contact.changed_key = None;
-    store.put_contact(&contact).map_err(failed)?;
+    store.put_contact(&contact).and_then(|()| store.flush()).map_err(failed)?;
     Ok(outcome)
 }
 
@@ -164,6 +164,50 @@ fn user_param(params: &Value, name: &str) -> Result<Option<Username>, RpcError> 
 
 fn required_user(params: &Value, name: &str) -> Result<Username, RpcError> {
     user_param(params, name)?.ok_or_else(|| RpcError::params(format!("{name} is required")))
+}
+
+/// A control-socket request with its params checked, before anything touches the node.
+/// Parsing needs nothing live, so every method's params are validated here, in one place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    Status,
+    Send { to: Username, body: String },
+    History { peer: Option<Username>, limit: usize },
+    Contacts,
+    Online,
+    Lookup { user: Username },
+    Verify { user: Username, safety_number: Option<String> },
+}
+
+impl Call {
+    /// The method named `method` with `params`; an unknown method or bad params are the
+    /// JSON-RPC errors the socket answers with.
+    pub fn parse(method: &str, params: &Value) -> Result<Call, RpcError> {
+        Ok(match method {
+            "status" => Call::Status,
+            "send" => {
+                let to = required_user(params, "to")?;
+                let body = string_param(params, "body")?.ok_or_else(|| RpcError::params("body is required"))?;
+                Call::Send { to, body: body.to_string() }
+            }
+            "history" => {
+                let peer = user_param(params, "peer")?;
+                let limit = match params.get("limit") {
+                    None | Some(Value::Null) => DEFAULT_HISTORY,
+                    Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| RpcError::params("limit must be a positive integer"))? as usize,
+                };
+                Call::History { peer, limit }
+            }
+            "contacts" => Call::Contacts,
+            "online" => Call::Online,
+            "lookup" => Call::Lookup { user: required_user(params, "user")? },
+            "contact.verify" => {
+                let user = required_user(params, "user")?;
+                Call::Verify { user, safety_number: string_param(params, "safety_number")?.map(str::to_string) }
+            }
+            _ => return Err(RpcError { code: METHOD_NOT_FOUND, message: format!("no method {method:?}"), exit: ExitClass::Usage }),
+        })
+    }
 }
 
 /// The control-socket methods of a running node.
@@ -227,27 +271,18 @@ impl Handler for NodeMethods {
         let store = self.agent.store().as_ref();
         let failed = |e: StoreError| RpcError::new(ExitClass::Failure, e.to_string());
         let node_failed = |e: crate::rendezvous::client::ClientError| RpcError::new(crate::exit::client_error_class(&e), e.to_string());
-        match method.as_str() {
-            "status" => Ok(json!({
+        match Call::parse(&method, &params)? {
+            Call::Status => Ok(json!({
                 "username": self.agent.username().as_str(),
                 "server": self.server.to_string(),
                 "fingerprint": self.agent.identity().public().fingerprint().to_string(),
             })),
-            "send" => {
-                let to = required_user(&params, "to")?;
-                let body = string_param(&params, "body")?.ok_or_else(|| RpcError::params("body is required"))?;
-                let msg = self.agent.send(&to, body).await.map_err(|e| RpcError::new(send_error_class(&e), e.to_string()))?;
+            Call::Send { to, body } => {
+                let msg = self.agent.send(&to, &body).await.map_err(|e| RpcError::new(send_error_class(&e), e.to_string()))?;
                 Ok(message_json(&msg))
             }
-            "history" => {
-                let peer = user_param(&params, "peer")?;
-                let limit = match params.get("limit") {
-                    None | Some(Value::Null) => DEFAULT_HISTORY,
-                    Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| RpcError::params("limit must be a positive integer"))? as usize,
-                };
-                Ok(json!({ "messages": history(store, peer.as_ref(), limit).map_err(failed)? }))
-            }
-            "contacts" => {
+            Call::History { peer, limit } => Ok(json!({ "messages": history(store, peer.as_ref(), limit).map_err(failed)? })),
+            Call::Contacts => {
                 let mut list = store.contacts().map_err(failed)?;
                 list.sort_by(|a, b| a.username.cmp(&b.username));
                 // Pushed presence where the watch has it; otherwise ask the node once.
@@ -262,21 +297,17 @@ impl Handler for NodeMethods {
                     .collect();
                 Ok(json!({ "contacts": rows }))
             }
-            "online" => {
+            Call::Online => {
                 let names = self.agent.online().await.map_err(node_failed)?;
                 Ok(json!({ "usernames": names.iter().map(|n| n.as_str()).collect::<Vec<_>>() }))
             }
-            "lookup" => {
-                let user = required_user(&params, "user")?;
+            Call::Lookup { user } => {
                 let verified = self.agent.lookup(&user).await.map_err(|e| RpcError::new(send_error_class(&e), e.to_string()))?;
                 Ok(account_json(&verified))
             }
-            "contact.verify" => {
-                let user = required_user(&params, "user")?;
-                let number = string_param(&params, "safety_number")?;
-                Ok(verify_contact(store, &self.agent.identity().public(), &user, number)?.to_json(&user))
+            Call::Verify { user, safety_number } => {
+                Ok(verify_contact(store, &self.agent.identity().public(), &user, safety_number.as_deref())?.to_json(&user))
             }
-            _ => Err(RpcError { code: METHOD_NOT_FOUND, message: format!("no method {method:?}"), exit: ExitClass::Usage }),
         }
     }
 }

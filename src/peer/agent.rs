@@ -5,7 +5,7 @@
 //! `sotto up` runs one for as long as it stays online; `sotto send` without a running
 //! node runs one for a single message.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use crate::presence::PresenceRecord;
 use crate::quic::{read_frame, write_frame};
 use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, WatchEvent, LOOKUP_SKEW};
 use crate::rendezvous::proto::Refusal;
-use crate::store::{Contact, Direction, State, Store, StoreError, StoredMessage};
+use crate::store::{durable, Contact, Direction, Durability, State, Store, StoreError, StoredMessage};
 use crate::tls::{self, CertKey};
 use crate::username::Username;
 
@@ -222,8 +222,9 @@ impl Agent {
         &self.inner.config.username
     }
 
-    /// Stores `body` for `to`, delivers it and waits for the ack. On failure the
-    /// message stays in history as `failed`.
+    /// Stores `body` for `to`, delivers it and waits for the ack; returns once the
+    /// message is on disk on both sides. On failure the message stays in history as
+    /// `failed`. Many sends may run at once: they share the session and its flushes.
     pub async fn send(&self, to: &Username, body: &str) -> Result<StoredMessage, SendError> {
         if body.is_empty() {
             return Err(SendError::Empty);
@@ -246,17 +247,30 @@ impl Agent {
             stored_at: now,
             state: State::Pending,
         };
-        self.inner.store.insert(&msg)?;
-        match self.deliver(&msg).await {
-            Ok(()) => {
-                self.inner.store.set_state(to, &id, State::Delivered)?;
-                msg.state = State::Delivered;
-                Ok(msg)
-            }
-            Err(e) => {
-                self.inner.store.set_state(to, &id, State::Failed)?;
-                Err(e)
-            }
+        let store = &self.inner.store;
+        store.insert(&msg)?;
+        // The flusher starts on it now, while the message travels.
+        let stored = store.written();
+        // The session marks the message delivered when the ack arrives, before it
+        // wakes us; an ack that comes after we gave up still marks it delivered.
+        let outcome = self.deliver(&msg).await;
+        if outcome.is_err() && store.message(to, Direction::Out, &id)?.is_some_and(|m| m.state == State::Pending) {
+            store.set_state(to, &id, State::Failed)?;
+        }
+        // Report only once the message itself is on disk here (the recipient acked only
+        // once it was on disk there). The delivered or failed mark reaches the disk with
+        // the next flush, which starts at once; `shutdown` waits for it.
+        durable(store.as_ref(), stored).await?;
+        outcome.map(|()| {
+            msg.state = State::Delivered;
+            msg
+        })
+    }
+
+    /// Closes the session with `peer`, if there is one; the next message dials again.
+    pub fn disconnect(&self, peer: &Username) {
+        if let Some(session) = lock(&self.inner.sessions).remove(peer) {
+            session.conn.close(0u32.into(), b"closed");
         }
     }
 
@@ -654,6 +668,7 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
     if refused {
         return Err(SessionError::Replayed.to_string());
     }
+    durable(inner.store.as_ref(), inner.store.written()).await.map_err(|e| e.to_string())?;
     write_frame(&mut send, &msg2).await?;
     Ok((dialer, transport, send, recv))
 }
@@ -699,6 +714,10 @@ async fn run_session(
         }
     });
     let mut waiting: HashMap<[u8; 16], oneshot::Sender<()>> = HashMap::new();
+    // Acks owed for stored messages, oldest first, each sent once its flush is done.
+    let mut owed: VecDeque<(u64, [u8; 16])> = VecDeque::new();
+    let mut progress = inner.store.durability();
+    let mut prune_at = SESSION_QUEUE;
     let reason = loop {
         tokio::select! {
             frame = frames.recv() => {
@@ -708,13 +727,19 @@ async fn run_session(
                     Err(e) => break e.to_string(),
                 };
                 match handle_message(&inner, &peer, message, &mut waiting) {
-                    Ok(Some(reply)) => match transport.seal(&reply) {
-                        Ok(bytes) => if let Err(e) = write_frame(&mut send, &bytes).await { break e },
-                        Err(e) => break e.to_string(),
-                    },
+                    Ok(Some(owed_ack)) => {
+                        owed.push_back(owed_ack);
+                        let done = *progress.borrow_and_update();
+                        if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send).await { break e }
+                    }
                     Ok(None) => {}
                     Err(e) => break e,
                 }
+            }
+            changed = progress.changed(), if !owed.is_empty() => {
+                if changed.is_err() { break "history database closed".to_string() }
+                let done = *progress.borrow_and_update();
+                if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send).await { break e }
             }
             out = queue.recv() => {
                 let Some(out) = out else { break "closed".to_string() };
@@ -722,7 +747,10 @@ async fn run_session(
                     Ok(bytes) => {
                         if let Err(e) = write_frame(&mut send, &bytes).await { break e }
                         // Senders that gave up leave closed channels behind: drop them.
-                        waiting.retain(|_, acked| !acked.is_closed());
+                        if waiting.len() >= prune_at {
+                            waiting.retain(|_, acked| !acked.is_closed());
+                            prune_at = (waiting.len() * 2).max(SESSION_QUEUE);
+                        }
                         waiting.insert(out.id, out.acked);
                     }
                     Err(e) => break e.to_string(),
@@ -742,13 +770,36 @@ async fn run_session(
     let _ = inner.events.send(AgentEvent::SessionClosed { peer });
 }
 
-/// Applies one decrypted message; returns the reply to send, if any.
+/// Sends the acks whose messages are on disk, in order; an ack whose flush failed is
+/// never sent, and ends the session (the sender will retry).
+async fn send_acks(
+    owed: &mut VecDeque<(u64, [u8; 16])>,
+    done: Durability,
+    transport: &mut Transport,
+    send: &mut quinn::SendStream,
+) -> Result<(), String> {
+    while let Some(&(point, id)) = owed.front() {
+        match done.covers(point) {
+            None => break,
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(())) => {
+                owed.pop_front();
+                let bytes = transport.seal(&PeerMessage::Ack { id }).map_err(|e| e.to_string())?;
+                write_frame(send, &bytes).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies one decrypted message; for a stored message, returns the commit point to
+/// wait for and the id to acknowledge then.
 fn handle_message(
     inner: &Inner,
     peer: &Username,
     message: PeerMessage,
     waiting: &mut HashMap<[u8; 16], oneshot::Sender<()>>,
-) -> Result<Option<PeerMessage>, String> {
+) -> Result<Option<(u64, [u8; 16])>, String> {
     match message {
         PeerMessage::Chat { id, sent_at, body } => {
             if body.len() > MAX_BODY {
@@ -763,12 +814,13 @@ fn handle_message(
                 stored_at: unix_now_ms(),
                 state: State::Received,
             };
-            // Store (durably) before acking; a resend with the same id is stored once.
+            // Store, and ack only once it is on disk; a resend with the same id is stored
+            // once, and acked once whatever it was stored with is on disk.
             let added = inner.store.insert(&msg).map_err(|e| e.to_string())?;
             if added {
                 let _ = inner.events.send(AgentEvent::Received(msg));
             }
-            Ok(Some(PeerMessage::Ack { id }))
+            Ok(Some((inner.store.written(), id)))
         }
         PeerMessage::Ack { id } => {
             if let Some(acked) = waiting.remove(&id) {
