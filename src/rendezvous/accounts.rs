@@ -122,7 +122,7 @@ impl PasswordCost {
     pub const OWASP: PasswordCost = PasswordCost { memory_kib: 19_456, iterations: 2, parallelism: 1 };
 
     /// The hasher for these parameters; `None` if argon2 refuses them.
-    fn argon2(&self) -> Option<Argon2<'static>> {
+    pub fn argon2(&self) -> Option<Argon2<'static>> {
         let params = Params::new(self.memory_kib, self.iterations, self.parallelism, None).ok()?;
         Some(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
     }

@@ -56,15 +56,27 @@ pub struct RendezvousClient {
 }
 
 impl RendezvousClient {
+    /// Connects from a socket of its own.
     pub async fn connect(server: &ServerAddress) -> Result<Self, ClientError> {
+        Self::connect_via(None, server).await
+    }
+
+    /// Connects through `endpoint` (one UDP socket for many connections), or from a
+    /// socket of its own.
+    pub async fn connect_via(endpoint: Option<&quinn::Endpoint>, server: &ServerAddress) -> Result<Self, ClientError> {
         let shown = format!("{}:{}", server.host, server.port);
         let addrs = server.resolve().await.map_err(|source| ClientError::Resolve { host: server.host.clone(), source })?;
         let remote = *addrs.first().ok_or_else(|| ClientError::Unreachable(shown.clone()))?;
         let (config, mismatch) = tls::client_config(server.cert_sha256, ALPN)?;
-        let bind: SocketAddr = if remote.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-        let mut endpoint = quinn::Endpoint::client(bind)?;
-        endpoint.set_default_client_config(config);
-        let connecting = endpoint.connect(remote, "sotto-rendezvous").map_err(|_| ClientError::Unreachable(shown.clone()))?;
+        let endpoint = match endpoint {
+            Some(endpoint) => endpoint.clone(),
+            None => {
+                let bind: SocketAddr =
+                    if remote.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+                quinn::Endpoint::client(bind)?
+            }
+        };
+        let connecting = endpoint.connect_with(config, remote, "sotto-rendezvous").map_err(|_| ClientError::Unreachable(shown.clone()))?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(_)) if mismatch.load(Ordering::SeqCst) => return Err(ClientError::PinMismatch(shown)),

@@ -1,0 +1,557 @@
+//! `cargo bench`: sotto beside the raw stack it is built on, measured in the same run.
+//!
+//! Prints one JSON object per figure (`name`, `value`, `unit`, `baseline`, `ratio`, and
+//! the target from docs/PERFORMANCE.md). Arguments: `--smoke` for a quick pass that only
+//! proves every figure still runs (CI), and figure names (substrings) to run only those.
+//! The rendezvous node figures (1,000 and 10,000 peers, registration floods) are in the
+//! load tool, `sotto-load`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[allow(dead_code)]
+#[path = "common/report.rs"]
+mod report;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use report::{merge, selected, spread, Better, Figure, Samples, Scale};
+use serde_json::json;
+use sotto::address::ServerAddress;
+use sotto::clock::{unix_now_ms, unix_now_ns};
+use sotto::keys::Identity;
+use sotto::online::{self, Presence};
+use sotto::peer::agent::{Agent, AgentConfig};
+use sotto::peer::session::{Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
+use sotto::quic::{read_frame, write_frame};
+use sotto::rendezvous::client::RendezvousClient;
+use sotto::store::{Direction, SledStore, State, Store, StoredMessage};
+use sotto::tls::{self, CertKey};
+use sotto::username::Username;
+use tokio::sync::watch;
+
+fn name(s: &str) -> Username {
+    Username::parse(s).unwrap()
+}
+
+fn main() {
+    let scale = Scale::from_args();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    eprintln!("sotto bench ({scale:?}): one JSON object per figure on stdout");
+    if selected("round_trip") || selected("sustained") || selected("first_message") {
+        rt.block_on(async {
+            let w = World::new().await;
+            if selected("round_trip") {
+                round_trip(&w, scale).await;
+            }
+            if selected("sustained") {
+                sustained(&w, scale).await;
+            }
+            if selected("first_message") {
+                first_message(&w, scale).await;
+            }
+            w.alice.shutdown().await;
+            w.bob.shutdown().await;
+        });
+    }
+    if selected("bulk") {
+        rt.block_on(bulk(scale));
+    }
+    if selected("send_process") {
+        send_process(scale);
+    }
+    if selected("history") {
+        history(scale);
+    }
+}
+
+/// A node, alice and bob as running agents, bob online, one message sent (so the
+/// session is open and bob's key pinned).
+struct World {
+    _dir: tempfile::TempDir,
+    server: ServerAddress,
+    alice: Agent,
+    alice_id: Arc<Identity>,
+    bob: Agent,
+    bob_id: Arc<Identity>,
+    _stop: watch::Sender<bool>,
+}
+
+impl World {
+    async fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let server = common::node_in_process(dir.path()).await;
+        let (alice_id, bob_id) = (Arc::new(Identity::generate()), Arc::new(Identity::generate()));
+        for (id, user) in [(&alice_id, "alice"), (&bob_id, "bob")] {
+            let c = RendezvousClient::connect(&server).await.unwrap();
+            c.register(id, &name(user), "password123").await.unwrap();
+            c.close().await;
+        }
+        let agent = |id: &Arc<Identity>, user: &str| {
+            let home = dir.path().join(user);
+            let cert = CertKey::load_or_create(&home.join("peer"), "sotto-peer").unwrap();
+            let store: Arc<dyn Store> = Arc::new(SledStore::open(&home.join("db")).unwrap());
+            let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+            let agent = Agent::start(id.clone(), store, &cert, AgentConfig { username: name(user), server: server.clone(), listen });
+            (agent.unwrap(), cert.sha256())
+        };
+        let (bob, bob_cert) = agent(&bob_id, "bob");
+        let (alice, _) = agent(&alice_id, "alice");
+        let presence = Presence {
+            server: server.clone(),
+            username: name("bob"),
+            addrs: vec![bob.local_addr().unwrap()],
+            cert_sha256: bob_cert,
+            ttl: 60,
+        };
+        let (stop, stopped) = watch::channel(false);
+        let id = bob_id.clone();
+        tokio::spawn(async move { online::stay_online(&id, &presence, stopped, |_| {}).await });
+        for _ in 0..100 {
+            if alice.lookup(&name("bob")).await.is_ok_and(|v| v.presence.is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        alice.send(&name("bob"), "hello").await.expect("first message");
+        World { _dir: dir, server, alice, alice_id, bob, bob_id, _stop: stop }
+    }
+}
+
+/// A raw QUIC server with sotto's TLS settings; `serve` runs per connection.
+async fn raw_server<F, Fut>(serve: F) -> (quinn::Endpoint, SocketAddr, [u8; 32])
+where
+    F: Fn(quinn::Connection) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let cert = CertKey::generate("bench").unwrap();
+    let config = tls::server_config(&cert, b"bench", 16).unwrap();
+    let endpoint = quinn::Endpoint::server(config, ([127, 0, 0, 1], 0).into()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let serving = endpoint.clone();
+    tokio::spawn(async move {
+        let serve = Arc::new(serve);
+        while let Some(incoming) = serving.accept().await {
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                if let Ok(conn) = incoming.await {
+                    serve(conn).await;
+                }
+            });
+        }
+    });
+    (endpoint, addr, cert.sha256())
+}
+
+async fn raw_connect(addr: SocketAddr, pin: [u8; 32]) -> quinn::Connection {
+    let (config, _) = tls::client_config(pin, b"bench").unwrap();
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    endpoint.set_default_client_config(config);
+    endpoint.connect(addr, "bench").unwrap().await.unwrap()
+}
+
+/// Figure 1: one 100-byte message, send → durable on the receiver → ack, on an open
+/// session; baseline: a raw QUIC stream ping-pong of 100 bytes with one sled insert and
+/// flush on the answering side.
+async fn round_trip(w: &World, scale: Scale) {
+    let (reps, per_rep) = scale.pick((5, 400), (2, 20));
+    let db_dir = tempfile::tempdir().unwrap();
+    let db = sled::open(db_dir.path()).unwrap();
+    let (_server, addr, pin) = raw_server(move |conn| {
+        let db = db.clone();
+        async move {
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+            let mut buf = [0u8; 100];
+            let mut n = 0u64;
+            while recv.read_exact(&mut buf).await.is_ok() {
+                n += 1;
+                db.insert(n.to_be_bytes(), &buf[..]).unwrap();
+                db.flush().unwrap();
+                if send.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    let conn = raw_connect(addr, pin).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let body = "x".repeat(100);
+    let bob = name("bob");
+    let (mut sotto_all, mut raw_all, mut sotto_p50s, mut raw_p50s) = (Samples::new(), Samples::new(), Samples::new(), Samples::new());
+    // Warm-up, then interleaved repetitions so both sides see the same machine.
+    for _ in 0..per_rep / 4 {
+        w.alice.send(&bob, &body).await.unwrap();
+    }
+    for rep in 0..reps {
+        let mut s = Samples::new();
+        for _ in 0..per_rep {
+            let t = Instant::now();
+            w.alice.send(&bob, &body).await.unwrap();
+            s.push_duration_us(t.elapsed());
+        }
+        let mut r = Samples::new();
+        let mut buf = [0u8; 100];
+        for _ in 0..per_rep {
+            let t = Instant::now();
+            send.write_all(&buf).await.unwrap();
+            recv.read_exact(&mut buf).await.unwrap();
+            if rep > 0 || r.len() > 0 {
+                r.push_duration_us(t.elapsed());
+            }
+        }
+        sotto_p50s.push(s.median());
+        raw_p50s.push(r.median());
+        sotto_all.extend(&s);
+        raw_all.extend(&r);
+    }
+    let extra = merge(spread(&sotto_p50s), json!({ "samples": sotto_all.len(), "baseline_p99": raw_all.percentile(99.0) }));
+    Figure {
+        name: "round_trip_100b_p50",
+        value: sotto_all.median(),
+        unit: "us",
+        baseline: Some(raw_all.median()),
+        target: Some("<= 1.3"),
+        better: Better::Lower,
+        extra,
+    }
+    .emit();
+    Figure {
+        name: "round_trip_100b_p99",
+        value: sotto_all.percentile(99.0),
+        unit: "us",
+        baseline: Some(raw_all.percentile(99.0)),
+        target: None,
+        better: Better::Lower,
+        extra: json!({ "samples": sotto_all.len() }),
+    }
+    .emit();
+}
+
+/// Figure 2: many 100-byte messages in flight on one session, each acked only once
+/// durable on the receiver and reported only once durable on the sender; baseline:
+/// raw sled inserts without flush, for the same time.
+async fn sustained(w: &World, scale: Scale) {
+    let (reps, secs, senders) = scale.pick((3, 3.0, 256), (1, 0.3, 16));
+    let bob = name("bob");
+    let body = "y".repeat(100);
+    let (mut rates, mut raw_rates) = (Samples::new(), Samples::new());
+    let flushes_before = w.bob.store().durability().borrow().flushes;
+    let mut total = 0u64;
+    for _ in 0..reps {
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..senders)
+            .map(|_| {
+                let (alice, bob, body, done, stop) = (w.alice.clone(), bob.clone(), body.clone(), done.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        alice.send(&bob, &body).await.unwrap();
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let counted = done.load(Ordering::Relaxed);
+        let elapsed = start.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        total += done.load(Ordering::Relaxed);
+        rates.push(counted as f64 / elapsed);
+        raw_rates.push(tokio::task::spawn_blocking(move || raw_sled_inserts(secs)).await.unwrap());
+    }
+    let flushes = w.bob.store().durability().borrow().flushes - flushes_before;
+    let extra = merge(
+        spread(&rates),
+        json!({ "senders": senders, "messages": total, "receiver_flushes": flushes, "messages_per_flush": total as f64 / flushes.max(1) as f64 }),
+    );
+    Figure {
+        name: "sustained_small_messages",
+        value: rates.median(),
+        unit: "msg/s",
+        baseline: Some(raw_rates.median()),
+        target: Some(">= 0.25"),
+        better: Better::Higher,
+        extra,
+    }
+    .emit();
+}
+
+/// Raw sled: 100-byte values under 16-byte keys, no flush, for `secs`.
+fn raw_sled_inserts(secs: f64) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().path(dir.path()).mode(sled::Mode::HighThroughput).open().unwrap();
+    let tree = db.open_tree("raw").unwrap();
+    let value = [7u8; 100];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..256 {
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&n.to_be_bytes());
+            tree.insert(key, &value[..]).unwrap();
+            n += 1;
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A Noise session pair made in memory with sotto's own handshake.
+fn session_pair() -> (Transport, Transport) {
+    let (a, b) = (Identity::generate(), Identity::generate());
+    let (dial, preamble, msg1) = Dial::start(&a, &name("alice"), &name("bob"), &b.noise.public(), unix_now_ns()).unwrap();
+    let answer = Answer::read(&b, &name("bob"), &preamble, &msg1).unwrap();
+    let (responder, msg2) = answer.accept(&a.public(), None, unix_now_ns()).unwrap();
+    (dial.finish(&msg2).unwrap(), responder)
+}
+
+/// Figure 3: bulk bytes through a session: the largest chat messages sotto sends (one
+/// 64 KiB Noise frame each), sealed, framed and opened; baseline: a raw QUIC stream
+/// carrying the same bytes.
+async fn bulk(scale: Scale) {
+    let (reps, megabytes) = scale.pick((3, 256usize), (1, 8));
+    let frames = megabytes * 1_000_000 / MAX_BODY;
+    let bytes = (frames * MAX_BODY) as f64;
+    let (mut sotto_rates, mut raw_rates) = (Samples::new(), Samples::new());
+    for _ in 0..reps {
+        // sotto: seal → frame → QUIC → frame → open.
+        let (mut sender, receiver) = session_pair();
+        let receiver = std::sync::Mutex::new(Some(receiver));
+        let (_server, addr, pin) = raw_server(move |conn| {
+            let transport = receiver.lock().unwrap().take();
+            async move {
+                let Some(mut transport) = transport else { return };
+                let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+                while let Ok(Some(frame)) = read_frame(&mut recv, MAX_NOISE_MESSAGE).await {
+                    let PeerMessage::Chat { body, .. } = transport.open(&frame).unwrap() else { panic!("not a chat message") };
+                    assert_eq!(body.len(), MAX_BODY);
+                }
+                let _ = send.finish();
+            }
+        })
+        .await;
+        let conn = raw_connect(addr, pin).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let body = "z".repeat(MAX_BODY);
+        let start = Instant::now();
+        for i in 0..frames {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let frame = sender.seal(&PeerMessage::Chat { id, sent_at: unix_now_ms(), body: body.clone() }).unwrap();
+            write_frame(&mut send, &frame).await.unwrap();
+        }
+        send.finish().unwrap();
+        // The receiver has read everything once the stream is acknowledged as finished.
+        let _ = recv.read_to_end(16).await;
+        sotto_rates.push(bytes / start.elapsed().as_secs_f64() / 1e6);
+        conn.close(0u32.into(), b"done");
+
+        // raw: the same bytes in 64 KiB writes.
+        let (_server, addr, pin) = raw_server(|conn| async move {
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(Some(_)) = recv.read(&mut buf).await {}
+            let _ = send.finish();
+        })
+        .await;
+        let conn = raw_connect(addr, pin).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let chunk = vec![0x5au8; 64 * 1024];
+        let start = Instant::now();
+        let mut left = frames * MAX_BODY;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            send.write_all(&chunk[..n]).await.unwrap();
+            left -= n;
+        }
+        send.finish().unwrap();
+        let _ = recv.read_to_end(16).await;
+        raw_rates.push(bytes / start.elapsed().as_secs_f64() / 1e6);
+        conn.close(0u32.into(), b"done");
+    }
+    Figure {
+        name: "bulk_session_bytes",
+        value: sotto_rates.median(),
+        unit: "MB/s",
+        baseline: Some(raw_rates.median()),
+        target: Some(">= 0.75"),
+        better: Better::Higher,
+        extra: merge(spread(&sotto_rates), json!({ "megabytes": megabytes, "frame_body": MAX_BODY })),
+    }
+    .emit();
+}
+
+/// Figure 4: the first message to a peer with no session (lookup, QUIC, Noise IK, ack);
+/// baseline: a raw QUIC connect, a raw snow IK handshake and one lookup round trip.
+async fn first_message(w: &World, scale: Scale) {
+    let rounds = scale.pick(30, 3);
+    let bob = name("bob");
+    // The raw side: a QUIC server that answers one Noise IK handshake per connection.
+    let params: snow::params::NoiseParams = "Noise_IK_25519_ChaChaPoly_BLAKE2s".parse().unwrap();
+    let responder_keys = snow::Builder::new(params.clone()).generate_keypair().unwrap();
+    let responder_private = responder_keys.private.clone();
+    let p = params.clone();
+    let (_server, addr, pin) = raw_server(move |conn| {
+        let (p, key) = (p.clone(), responder_private.clone());
+        async move {
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+            let mut hs = snow::Builder::new(p).local_private_key(&key).unwrap().build_responder().unwrap();
+            let msg1 = read_frame(&mut recv, 1024).await.unwrap().unwrap();
+            let mut buf = [0u8; 1024];
+            hs.read_message(&msg1, &mut buf).unwrap();
+            let n = hs.write_message(&[], &mut buf).unwrap();
+            write_frame(&mut send, &buf[..n]).await.unwrap();
+            let _ = send.finish();
+            let _ = conn.closed().await;
+        }
+    })
+    .await;
+    let (config, _) = tls::client_config(pin, b"bench").unwrap();
+    let endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    let initiator_keys = snow::Builder::new(params.clone()).generate_keypair().unwrap();
+    let node = RendezvousClient::connect(&w.server).await.unwrap();
+    node.authenticate(&w.alice_id, &name("alice")).await.unwrap();
+    let (mut sotto, mut raw) = (Samples::new(), Samples::new());
+    for _ in 0..rounds {
+        w.alice.disconnect(&bob);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t = Instant::now();
+        w.alice.send(&bob, "first").await.unwrap();
+        sotto.push_duration_us(t.elapsed());
+
+        let t = Instant::now();
+        node.lookup(&bob).await.unwrap();
+        let conn = endpoint.connect_with(config.clone(), addr, "bench").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut hs = snow::Builder::new(params.clone())
+            .local_private_key(&initiator_keys.private)
+            .unwrap()
+            .remote_public_key(&responder_keys.public)
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = hs.write_message(&[], &mut buf).unwrap();
+        write_frame(&mut send, &buf[..n]).await.unwrap();
+        let msg2 = read_frame(&mut recv, 1024).await.unwrap().unwrap();
+        hs.read_message(&msg2, &mut buf).unwrap();
+        let _transport = hs.into_transport_mode().unwrap();
+        raw.push_duration_us(t.elapsed());
+        conn.close(0u32.into(), b"done");
+    }
+    let _ = &w.bob_id;
+    Figure {
+        name: "first_message_ms",
+        value: sotto.median() / 1000.0,
+        unit: "ms",
+        baseline: Some(raw.median() / 1000.0),
+        target: Some("<= 1.5"),
+        better: Better::Lower,
+        extra: json!({ "rounds": rounds, "min": sotto.min() / 1000.0, "max": sotto.max() / 1000.0 }),
+    }
+    .emit();
+}
+
+/// Figure 5: `sotto send` as a fresh process while `sotto up` holds the unlocked
+/// identity; baseline: the same binary running `sotto --version`.
+fn send_process(scale: Scale) {
+    let rounds = scale.pick(20, 2);
+    let root = tempfile::tempdir().unwrap();
+    let (_node, alice, bob) = common::node_and_users(root.path());
+    let _bob_up = bob.up();
+    let _alice_up = alice.up();
+    let time = |args: &[&str]| {
+        let t = Instant::now();
+        let out = common::run(&mut alice.cmd(args));
+        assert!(out.status.success(), "sotto {args:?}: {}", common::stderr(&out));
+        t.elapsed()
+    };
+    time(&["send", "bob", "warm-up"]);
+    let (mut send, mut noop) = (Samples::new(), Samples::new());
+    for _ in 0..rounds {
+        send.push(time(&["send", "bob", "hello from a fresh process"]).as_secs_f64() * 1e3);
+        noop.push(time(&["--version"]).as_secs_f64() * 1e3);
+    }
+    Figure {
+        name: "send_fresh_process_ms",
+        value: send.median(),
+        unit: "ms",
+        baseline: Some(noop.median()),
+        target: None,
+        better: Better::Lower,
+        extra: json!({ "rounds": rounds, "min": send.min(), "max": send.max() }),
+    }
+    .emit();
+}
+
+/// Figure 9: the last 50 messages with one peer out of 1M stored; baseline: a raw
+/// reverse range scan of the same sled tree, without decoding.
+fn history(scale: Scale) {
+    let (total, peers, lookups) = scale.pick((1_000_000u64, 100u64, 2000), (20_000, 20, 50));
+    let dir = tempfile::tempdir().unwrap();
+    let fill = Instant::now();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        for i in 0..total {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&i.to_be_bytes());
+            let msg = StoredMessage {
+                id,
+                peer: name(&format!("peer{}", i % peers)),
+                direction: if i % 2 == 0 { Direction::In } else { Direction::Out },
+                body: format!("message number {i}, about as long as a line of chat usually is"),
+                sent_at: 1_700_000_000_000 + i,
+                stored_at: 1_700_000_000_000 + i,
+                state: if i % 2 == 0 { State::Received } else { State::Delivered },
+            };
+            store.insert(&msg).unwrap();
+        }
+        store.flush().unwrap();
+    }
+    eprintln!("history: stored {total} messages in {:.1} s", fill.elapsed().as_secs_f64());
+    let target = name("peer7");
+    let (mut sotto, mut raw) = (Samples::new(), Samples::new());
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        for _ in 0..lookups / 10 {
+            store.last(Some(&target), 50).unwrap();
+        }
+        for _ in 0..lookups {
+            let t = Instant::now();
+            let got = store.last(Some(&target), 50).unwrap();
+            sotto.push_duration_us(t.elapsed());
+            assert_eq!(got.len(), 50);
+        }
+    }
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("messages").unwrap();
+        let mut prefix = b"peer7".to_vec();
+        prefix.push(0);
+        for _ in 0..lookups / 10 {
+            let _: Vec<_> = tree.scan_prefix(&prefix).rev().take(50).collect();
+        }
+        for _ in 0..lookups {
+            let t = Instant::now();
+            let got: Vec<_> = tree.scan_prefix(&prefix).rev().take(50).collect::<Result<_, _>>().unwrap();
+            raw.push_duration_us(t.elapsed());
+            assert_eq!(got.len(), 50);
+        }
+    }
+    Figure {
+        name: "history_last_50",
+        value: sotto.median(),
+        unit: "us",
+        baseline: Some(raw.median()),
+        target: Some("<= 2"),
+        better: Better::Lower,
+        extra: json!({ "stored": total, "peers": peers, "lookups": lookups, "p99": sotto.percentile(99.0), "baseline_p99": raw.percentile(99.0) }),
+    }
+    .emit();
+}
