@@ -531,8 +531,8 @@ fn history(scale: Scale) {
     }
     {
         let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree("messages").unwrap();
-        let mut prefix = b"peer7".to_vec();
+        let tree = db.open_tree("history").unwrap();
+        let mut prefix = b"mpeer7".to_vec();
         prefix.push(0);
         for _ in 0..lookups / 10 {
             let _: Vec<_> = tree.scan_prefix(&prefix).rev().take(50).collect();

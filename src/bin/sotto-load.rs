@@ -47,7 +47,7 @@ use tokio::task::JoinSet;
 /// Client sockets the peers share (many connections each, as behind a NAT).
 const CLIENT_SOCKETS: usize = 32;
 /// Connections opened at once while peers come online.
-const CONNECTING: usize = 64;
+const CONNECTING: usize = 32;
 /// Lookup connections, each with this many requests in flight (the node allows 16
 /// streams per connection).
 const LOOKERS: usize = 4;
@@ -215,7 +215,19 @@ async fn connect_peers(
     while next < range.end || !set.is_empty() {
         while next < range.end && set.len() < CONNECTING {
             let (endpoint, server, peers, i) = (endpoints[next % endpoints.len()].clone(), server.clone(), peers.clone(), next);
-            set.spawn(async move { bring_online(&endpoint, &server, &peers[i]).await.with_context(|| format!("peer{i}")) });
+            set.spawn(async move {
+                // A handshake can time out while thousands arrive at once on two cores:
+                // try again, as a real client would.
+                let mut attempt = 0;
+                loop {
+                    match bring_online(&endpoint, &server, &peers[i]).await {
+                        Ok(client) => return Ok(client),
+                        Err(e) if attempt == 4 => return Err(e).with_context(|| format!("peer{i}")),
+                        Err(_) => attempt += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            });
             next += 1;
         }
         if let Some(done) = set.join_next().await {
