@@ -60,6 +60,7 @@ pub enum Request {
     /// Keeps the stream open: the node answers `Watching`, then sends
     /// `PresenceChanged` whenever one of `usernames` comes online or goes offline.
     Watch {
+        #[serde(with = "name_list")]
         usernames: Vec<Username>,
     },
     #[serde(other)]
@@ -113,12 +114,14 @@ pub enum Response {
     Withdrawn,
     Account(AccountInfo),
     Online {
+        #[serde(with = "name_list")]
         usernames: Vec<Username>,
         truncated: bool,
     },
     Refused(Refusal),
     /// The watched users online now (also sent again if the node skipped changes).
     Watching {
+        #[serde(with = "name_list")]
         online: Vec<Username>,
     },
     PresenceChanged {
@@ -179,6 +182,43 @@ pub enum Refusal {
     Unknown,
 }
 
+/// Serde for the username lists (`Watch`, `Online`, `Watching`): at most
+/// [`MAX_ONLINE_LIST`] names. A longer list does not decode, and decoding reserves room
+/// for no more names than that, whatever count the sender claims; left to serde, a count
+/// would reserve 24 bytes for every byte left in the frame. The encoding is a plain list.
+mod name_list {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::{Serialize, Serializer};
+
+    use super::MAX_ONLINE_LIST;
+    use crate::username::Username;
+
+    pub fn serialize<S: Serializer>(names: &[Username], s: S) -> Result<S::Ok, S::Error> {
+        names.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Username>, D::Error> {
+        struct Names;
+        impl<'de> Visitor<'de> for Names {
+            type Value = Vec<Username>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "at most {MAX_ONLINE_LIST} usernames")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Username>, A::Error> {
+                let mut names = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_ONLINE_LIST));
+                while let Some(name) = seq.next_element()? {
+                    if names.len() == MAX_ONLINE_LIST {
+                        return Err(A::Error::invalid_length(MAX_ONLINE_LIST + 1, &self));
+                    }
+                    names.push(name);
+                }
+                Ok(names)
+            }
+        }
+        d.deserialize_seq(Names)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +243,19 @@ mod tests {
         assert_eq!(encode_message(&Request::Hello), [1, 0]);
         assert_eq!(encode_message(&Request::ListOnline), [1, 7]);
         assert_eq!(encode_message(&Response::Refused(Refusal::RateLimited { retry_after_secs: 30 })), [1, 8, 8, 30]);
+    }
+
+    #[test]
+    fn name_lists_are_capped_when_decoded() {
+        let names: Vec<Username> = (0..=MAX_ONLINE_LIST).map(|i| Username::parse(&format!("u{i:03}")).unwrap()).collect();
+        let most = Request::Watch { usernames: names[..MAX_ONLINE_LIST].to_vec() };
+        assert_eq!(decode_message::<Request>(&encode_message(&most)), Ok(most));
+        let over = encode_message(&Request::Watch { usernames: names.clone() });
+        assert_eq!(decode_message::<Request>(&over), Err(crate::wire::WireError::Malformed));
+        let over = encode_message(&Response::Online { usernames: names.clone(), truncated: false });
+        assert_eq!(decode_message::<Response>(&over), Err(crate::wire::WireError::Malformed));
+        let over = encode_message(&Response::Watching { online: names });
+        assert_eq!(decode_message::<Response>(&over), Err(crate::wire::WireError::Malformed));
     }
 
     #[test]
