@@ -182,7 +182,12 @@ fn subscription<H: Handler>(handler: &H, line: &[u8]) -> Option<(Value, Option<t
     if request.get("jsonrpc")?.as_str()? != "2.0" || request.get("method")?.as_str()? != "subscribe" {
         return None;
     }
-    Some((request.get("id").cloned().unwrap_or(Value::Null), handler.events()))
+    let id = request.get("id").cloned().unwrap_or(Value::Null);
+    // Any other id makes it an invalid request, which `answer` refuses.
+    if !(id.is_number() || id.is_string() || id.is_null()) {
+        return None;
+    }
+    Some((id, handler.events()))
 }
 
 async fn forward(mut events: tokio::sync::broadcast::Receiver<Value>, write: Arc<tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>>) {
@@ -203,8 +208,9 @@ fn error_response(id: Value, e: &RpcError) -> Option<Value> {
     Some(json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() }))
 }
 
-/// Answers one request line; `None` for a notification (no id).
-async fn answer<H: Handler>(handler: &H, line: &[u8]) -> Option<Value> {
+/// Answers one request line; `None` for a notification (no id). `subscribe` is served
+/// by the connection loop before it gets here.
+pub async fn answer<H: Handler>(handler: &H, line: &[u8]) -> Option<Value> {
     let request: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(_) => {
@@ -213,7 +219,9 @@ async fn answer<H: Handler>(handler: &H, line: &[u8]) -> Option<Value> {
     };
     let id = request.get("id").cloned();
     let invalid = |msg: &str| {
-        error_response(id.clone().unwrap_or(Value::Null), &RpcError { code: INVALID_REQUEST, message: msg.into(), exit: ExitClass::Usage })
+        // An id that is not a number or a string cannot be answered to: JSON-RPC 2.0 says null.
+        let id = id.clone().filter(|i| i.is_number() || i.is_string()).unwrap_or(Value::Null);
+        error_response(id, &RpcError { code: INVALID_REQUEST, message: msg.into(), exit: ExitClass::Usage })
     };
     if request.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return invalid("not a JSON-RPC 2.0 request");
