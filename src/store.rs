@@ -234,10 +234,11 @@ impl Commits {
                     state.durability.failed = target;
                 }
             }
-            let durability = state.durability;
+            // Publish to async watchers under the lock, so that anyone who sees this
+            // flush through the lock (a blocking waiter) also sees it through the watch.
+            self.progress.send_replace(state.durability);
             drop(state);
             self.done.notify_all();
-            self.progress.send_replace(durability);
         }
     }
 }
