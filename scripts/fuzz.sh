@@ -9,9 +9,9 @@
 #   FUZZ_SECONDS=30 scripts/fuzz.sh       # the default time from the environment
 #
 # Seeds come from fuzz/seeds/TARGET and tokens from fuzz/dicts/TARGET.dict (both
-# committed); what the fuzzer learns stays in
-# fuzz/corpus/TARGET and crashes go to fuzz/artifacts/TARGET (both git-ignored). Exits 1
-# if any target found something, 2 on a usage or build error.
+# committed). What the fuzzer learns stays in fuzz/corpus/TARGET, crashes go to
+# fuzz/artifacts/TARGET and each run's log to fuzz/artifacts/TARGET.log (all ignored by
+# git). Exits 1 if any target found something or failed, 2 on a usage or build error.
 #
 # cargo-fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain
 # accept them. FUZZ_SANITIZER (default address) picks the sanitizer: none runs faster.
@@ -68,14 +68,13 @@ done
 
 cargo fuzz build -s "$sanitizer" >&2 || exit 2
 
-log_dir=$(mktemp -d)
-trap 'rm -rf "$log_dir"' EXIT
 found=0
 rows=()
 for t in "${order[@]}"; do
   secs=${time_of[$t]}
   corpus=fuzz/corpus/$t
   artifacts=fuzz/artifacts/$t
+  log=fuzz/artifacts/$t.log
   mkdir -p "$corpus" "$artifacts"
   before=$(find "$artifacts" -type f | wc -l)
   echo "== $t: ${secs} s" >&2
@@ -84,15 +83,19 @@ for t in "${order[@]}"; do
   status=0
   cargo fuzz run -s "$sanitizer" "$t" "$corpus" "fuzz/seeds/$t" -- \
     -max_total_time="$secs" -max_len="$(max_len "$t")" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${dict[@]}" \
-    >"$log_dir/$t.log" 2>&1 || status=$?
-  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log_dir/$t.log" | tail -1)
-  rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log_dir/$t.log" | tail -1)
+    >"$log" 2>&1 || status=$?
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   size=$(find "$corpus" -type f | wc -l)
   new=$(($(find "$artifacts" -type f | wc -l) - before))
-  if [[ $status -ne 0 || $new -gt 0 ]]; then
+  if [[ $new -gt 0 ]]; then
     found=1
-    verdict="FOUND ($new new in $artifacts, exit $status)"
-    grep -m 20 -E 'panicked|ERROR|SUMMARY|Test unit written' "$log_dir/$t.log" >&2 || tail -20 "$log_dir/$t.log" >&2
+    verdict="FOUND ($new new in $artifacts)"
+    grep -m 20 -E 'panicked|ERROR|SUMMARY|Test unit written' "$log" >&2 || tail -20 "$log" >&2
+  elif [[ $status -ne 0 ]]; then
+    found=1
+    verdict="FAILED (exit $status, see $log)"
+    tail -20 "$log" >&2
   else
     verdict="nothing"
   fi
