@@ -383,8 +383,12 @@ impl Store for SledStore {
             // A crash came between the index entry and the message: finish the write
             // under the key chosen then, so the message is stored exactly once.
             Some(key) => {
-                let at: [u8; 8] =
-                    key.get(key.len() - 24..key.len() - 16).and_then(|b| b.try_into().ok()).ok_or(StoreError::Corrupt("id index"))?;
+                let at: [u8; 8] = key
+                    .len()
+                    .checked_sub(24)
+                    .and_then(|at| key.get(at..at + 8))
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or(StoreError::Corrupt("id index"))?;
                 (key.to_vec(), StoredMessage { stored_at: u64::from_be_bytes(at), ..msg.clone() })
             }
             None => (message_key(msg), msg.clone()),
@@ -629,6 +633,15 @@ mod tests {
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0].stored_at, 500, "under the key chosen the first time");
         assert_eq!(s.last(None, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_id_index_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let m = msg("bob", 4, 500, Direction::In);
+        s.history.insert(id_key(&m.peer, m.direction, &m.id), &b"short"[..]).unwrap();
+        assert!(matches!(s.insert(&m), Err(StoreError::Corrupt("id index"))));
     }
 
     #[test]
