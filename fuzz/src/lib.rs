@@ -2,8 +2,6 @@
 //! fixture identities of keys/README.md, a reader over the fuzz input, and the checks
 //! that every message decoder must pass.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::fmt::Debug;
 use std::sync::OnceLock;
 
@@ -15,81 +13,11 @@ use sotto::wire::{decode_message, encode_message, Message, WireError, WIRE_VERSI
 // ---------------------------------------------------------------------------------------
 // Heap meter
 
-/// Counts the bytes this thread has live on the heap, and their high-water mark.
-pub struct Meter;
+// The meter is the one the property tests use (this crate's global allocator).
+#[path = "../../tests/heap/mod.rs"]
+mod heap;
 
-thread_local! {
-    static LIVE: Cell<usize> = const { Cell::new(0) };
-    static PEAK: Cell<usize> = const { Cell::new(0) };
-}
-
-fn grow(n: usize) {
-    let _ = LIVE.try_with(|live| {
-        let now = live.get().saturating_add(n);
-        live.set(now);
-        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
-    });
-}
-
-fn shrink(n: usize) {
-    let _ = LIVE.try_with(|live| live.set(live.get().saturating_sub(n)));
-}
-
-// SAFETY: every call is passed to the system allocator unchanged; the counters are
-// thread-local cells that never allocate.
-unsafe impl GlobalAlloc for Meter {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
-        shrink(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = System.realloc(ptr, layout, new_size);
-        if !p.is_null() {
-            // Both blocks may be live while the bytes are copied.
-            grow(new_size);
-            shrink(layout.size());
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static METER: Meter = Meter;
-
-/// Runs `f` and returns its result and the most heap it held at once, in bytes, above
-/// what was live when it started.
-pub fn peak_heap<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let base = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(base));
-    let out = f();
-    let peak = PEAK.with(Cell::get);
-    (out, peak.saturating_sub(base))
-}
-
-/// Most heap decoding a message of `input_len` bytes may hold: its strings and byte
-/// strings (the input at most, a name copied once more while it is checked, a buffer
-/// growing by doubling), and room for at most 500 names (12 KiB) however many a count
-/// claims. Never anything in proportion to what a length field claims.
-pub fn decode_heap_bound(input_len: usize) -> usize {
-    4 * input_len + 16 * 1024
-}
+pub use heap::{heap_bound as decode_heap_bound, peak_heap};
 
 /// Decoding a presence record may also reserve room for as many addresses (32 bytes
 /// each) as bytes remain; `SignedPresence::verify` caps the payload at 1 KiB first.
