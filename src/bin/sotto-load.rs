@@ -237,28 +237,31 @@ async fn connect_peers(
     Ok(out)
 }
 
-/// Lookups from `LOOKERS` connections with `IN_FLIGHT` each, for `secs`: (per second,
-/// latency samples in µs).
-async fn lookups(lookers: &[Arc<RendezvousClient>], online: usize, secs: f64) -> (f64, Samples) {
+/// Runs `op(worker, n)` over and over on each of `LOOKERS * IN_FLIGHT` tasks for `secs`:
+/// (completed per second, latency samples in µs).
+async fn timed_window<F, Fut>(secs: f64, op: F) -> (f64, Samples)
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let mut set = JoinSet::new();
-    for (l, looker) in lookers.iter().enumerate() {
-        for k in 0..IN_FLIGHT {
-            let (looker, stop, count) = (looker.clone(), stop.clone(), count.clone());
-            set.spawn(async move {
-                let mut samples = Samples::new();
-                let mut i = l * 7919 + k * 104_729;
-                while !stop.load(Ordering::Relaxed) {
-                    i = (i + 7) % online;
-                    let t = Instant::now();
-                    looker.lookup(&peer_name(i)).await.expect("lookup");
-                    samples.push_duration_us(t.elapsed());
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-                samples
-            });
-        }
+    for worker in 0..LOOKERS * IN_FLIGHT {
+        let (op, stop, count) = (op.clone(), stop.clone(), count.clone());
+        set.spawn(async move {
+            let mut samples = Samples::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                op(worker, n).await;
+                samples.push_duration_us(t.elapsed());
+                count.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+            samples
+        });
     }
     let start = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
@@ -267,9 +270,21 @@ async fn lookups(lookers: &[Arc<RendezvousClient>], online: usize, secs: f64) ->
     stop.store(true, Ordering::Relaxed);
     let mut all = Samples::new();
     while let Some(s) = set.join_next().await {
-        all.extend(&s.expect("lookup task"));
+        all.extend(&s.expect("measured task"));
     }
     (done as f64 / elapsed, all)
+}
+
+/// Lookups of online peers from `LOOKERS` connections with `IN_FLIGHT` each.
+async fn lookups(lookers: &[Arc<RendezvousClient>], online: usize, secs: f64) -> (f64, Samples) {
+    let lookers = lookers.to_vec();
+    timed_window(secs, move |worker, n| {
+        let looker = lookers[worker % lookers.len()].clone();
+        async move {
+            looker.lookup(&peer_name((worker * 104_729 + n * 7) % online)).await.expect("lookup");
+        }
+    })
+    .await
 }
 
 /// The raw baseline: a QUIC server that answers each stream's request with `answer`
@@ -295,41 +310,24 @@ async fn raw_exchanges(request: usize, answer: usize, secs: f64) -> Result<(f64,
         }
     });
     let (config, _) = tls::client_config(cert.sha256(), b"raw")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let mut set = JoinSet::new();
+    let mut conns = Vec::new();
     for _ in 0..LOOKERS {
         let client = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
-        let conn = client.connect_with(config.clone(), addr, "raw")?.await?;
-        for _ in 0..IN_FLIGHT {
-            let (conn, stop, count) = (conn.clone(), stop.clone(), count.clone());
-            set.spawn(async move {
-                let mut samples = Samples::new();
-                let body = vec![1u8; request];
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-                    send.write_all(&body).await.expect("write");
-                    send.finish().expect("finish");
-                    recv.read_to_end(HEADER_LEN + 64 * 1024).await.expect("answer");
-                    samples.push_duration_us(t.elapsed());
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-                samples
-            });
+        conns.push(client.connect_with(config.clone(), addr, "raw")?.await?);
+    }
+    let body = Arc::new(vec![1u8; request]);
+    let measured = timed_window(secs, move |worker, _| {
+        let (conn, body) = (conns[worker % conns.len()].clone(), body.clone());
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+            send.write_all(&body).await.expect("write");
+            send.finish().expect("finish");
+            recv.read_to_end(HEADER_LEN + 64 * 1024).await.expect("answer");
         }
-    }
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let done = count.load(Ordering::Relaxed);
-    let elapsed = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Samples::new();
-    while let Some(s) = set.join_next().await {
-        all.extend(&s?);
-    }
+    })
+    .await;
     server.abort();
-    Ok((done as f64 / elapsed, all))
+    Ok(measured)
 }
 
 /// Registrations at full argon2 strength from many loopback source addresses (each
