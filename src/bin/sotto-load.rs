@@ -68,11 +68,16 @@ fn main() -> Result<()> {
     rt.block_on(run(scale))
 }
 
-/// The node, in its own process: prints its address, serves until stdin closes.
+/// The node, in its own process: prints its address, serves until stdin closes. Every
+/// peer and looker connects from 127.0.0.1, so the per-address limits (connections,
+/// lookup rate) are lifted; the node-wide ones stay at their defaults.
 fn serve_node(dir: std::path::PathBuf) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        let node = Node::bind(NodeConfig::new(([127, 0, 0, 1], 0).into(), dir))?;
+        let mut config = NodeConfig::new(([127, 0, 0, 1], 0).into(), dir);
+        config.max_connections_per_address = usize::MAX;
+        config.lookup_rate = None;
+        let node = Node::bind(config)?;
         println!("{}", node.address());
         let stdin_closed = async {
             let mut sink = Vec::new();

@@ -124,9 +124,21 @@ fn fingerprint_qr(digits: &str) -> Result<String> {
     Ok(code.render::<Dense1x2>().quiet_zone(true).build())
 }
 
-pub async fn rendezvous(listen: SocketAddr, data: PathBuf, public_host: Option<String>) -> Result<()> {
+/// The node's limits as given on the command line.
+pub struct NodeLimits {
+    pub max_connections_per_address: u32,
+    pub max_connections: u32,
+    /// Per second per source address; 0 is no limit.
+    pub lookup_rate: u32,
+}
+
+pub async fn rendezvous(listen: SocketAddr, data: PathBuf, public_host: Option<String>, limits: NodeLimits) -> Result<()> {
     let mut config = NodeConfig::new(listen, data);
     config.public_host = public_host;
+    config.max_connections_per_address = limits.max_connections_per_address as usize;
+    config.max_connections = limits.max_connections as usize;
+    config.lookup_rate = (limits.lookup_rate > 0)
+        .then(|| sotto::rendezvous::limit::Rate { per_second: limits.lookup_rate, burst: limits.lookup_rate.saturating_mul(10) });
     let node = Node::bind(config)?;
     println!("{}", node.address());
     std::io::stdout().flush()?;

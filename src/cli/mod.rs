@@ -57,6 +57,16 @@ pub enum Command {
         /// Host name or IP to put in the printed server address.
         #[arg(long, value_name = "HOST")]
         public_host: Option<String>,
+        /// Connections one source address (IPv6: one /64) may hold at once.
+        #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+        max_connections_per_address: u32,
+        /// Connections the node holds at once from everywhere.
+        #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+        max_connections: u32,
+        /// Lookups (and online lists and watches) per second per source address, with a
+        /// burst of ten times as many; 0 turns the limit off.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        lookup_rate: u32,
     },
     /// Create an account on a rendezvous node for this identity.
     Register(AccountArgs),
@@ -225,7 +235,10 @@ pub async fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Id(IdCommand::New) => commands::id_new(&ctx),
         Command::Id(IdCommand::Show { json, qr }) => commands::id_show(&ctx, json, qr),
-        Command::Rendezvous { listen, data, public_host } => commands::rendezvous(listen, data, public_host).await,
+        Command::Rendezvous { listen, data, public_host, max_connections_per_address, max_connections, lookup_rate } => {
+            let limits = commands::NodeLimits { max_connections_per_address, max_connections, lookup_rate };
+            commands::rendezvous(listen, data, public_host, limits).await
+        }
         Command::Register(a) => commands::account(&ctx, a, commands::AccountAction::Register).await,
         Command::Login(a) => commands::account(&ctx, a, commands::AccountAction::Login).await,
         Command::Up { listen, ttl, json } => {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::RngCore;
-use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::session::{Answer, Dial, PeerMessage, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE, MAX_NOISE_MESSAGE};
@@ -36,6 +36,11 @@ const MAX_PREAMBLE: usize = 128;
 const SESSION_QUEUE: usize = 64;
 /// Incoming handshakes in progress at once; more are refused until some finish.
 const MAX_HANDSHAKES: usize = 64;
+/// Incoming handshakes in progress at once from one source address (IPv6: one /64), so
+/// one address cannot take all of [`MAX_HANDSHAKES`].
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
+/// Time the rest of a transport frame has to arrive once its first byte has.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -580,27 +585,44 @@ async fn dial(inner: &Arc<Inner>, peer: &Username, record: &PresenceRecord) -> R
 }
 
 async fn accept_loop(inner: Arc<Inner>) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    use crate::rendezvous::limit::{Admission, ConnectionGate, ConnectionPolicy};
+    // Tickets last until the Noise handshake is done, so `total` counts incoming
+    // handshakes in progress (QUIC or Noise) and `handshakes` the QUIC part.
+    let gate =
+        ConnectionGate::new(ConnectionPolicy { per_source: MAX_HANDSHAKES_PER_ADDRESS, total: MAX_HANDSHAKES, handshakes: MAX_HANDSHAKES });
     while let Some(incoming) = inner.endpoint.accept().await {
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            debug!(remote = %incoming.remote_address(), "too many handshakes in progress; refused");
-            incoming.refuse();
-            continue;
+        let remote = incoming.remote_address();
+        let mut ticket = match gate.admit(remote.ip(), incoming.remote_address_validated()) {
+            Admission::Accept(ticket) => ticket,
+            Admission::Retry => {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Admission::Refuse(crowded) => {
+                debug!(%remote, ?crowded, "too many handshakes in progress; refused");
+                incoming.refuse();
+                continue;
+            }
         };
         let inner = inner.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            if let Err(e) = accept(&inner, incoming).await {
+            if let Err(e) = accept(&inner, incoming, &mut ticket).await {
                 info!(%remote, reason = %e, "refused a peer session");
             }
-            drop(permit);
+            drop(ticket);
         });
     }
 }
 
-async fn accept(inner: &Arc<Inner>, incoming: quinn::Incoming) -> Result<(), String> {
+async fn accept(inner: &Arc<Inner>, incoming: quinn::Incoming, ticket: &mut crate::rendezvous::limit::Ticket) -> Result<(), String> {
     let conn =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await.map_err(|_| "QUIC handshake timed out")?.map_err(|e| e.to_string())?;
+    if ticket.handshake_done().is_err() {
+        conn.close(1u32.into(), b"too many handshakes from this address");
+        return Err("too many handshakes from this address".into());
+    }
     if tls::negotiated_alpn(&conn).as_deref() != Some(ALPN) {
         conn.close(1u32.into(), b"wrong ALPN");
         return Err("wrong ALPN".into());
@@ -707,7 +729,7 @@ async fn run_session(
     // Frames are read by their own task: reading is not cancel-safe inside select!.
     let (frames_tx, mut frames) = mpsc::channel::<Vec<u8>>(16);
     let reader = tokio::spawn(async move {
-        while let Ok(Some(frame)) = read_frame(&mut recv, MAX_NOISE_MESSAGE).await {
+        while let Ok(Some(frame)) = read_session_frame(&mut recv).await {
             if frames_tx.send(frame).await.is_err() {
                 break;
             }
@@ -832,4 +854,25 @@ fn handle_message(
         }
         PeerMessage::Unknown => Ok(None),
     }
+}
+
+/// Reads one transport frame like [`read_frame`], except that once its first byte has
+/// arrived the rest must follow within [`FRAME_TIMEOUT`]: a peer that starts a frame
+/// and then trickles it is cut off. An idle session waits for its next frame as long
+/// as the connection lives.
+async fn read_session_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, String> {
+    use crate::wire::{frame_len, HEADER_LEN};
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header[..1]).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let rest = async {
+        recv.read_exact(&mut header[1..]).await.map_err(|e| e.to_string())?;
+        let mut body = vec![0u8; frame_len(header, MAX_NOISE_MESSAGE).map_err(|e| e.to_string())?];
+        recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+        Ok(Some(body))
+    };
+    tokio::time::timeout(FRAME_TIMEOUT, rest).await.unwrap_or_else(|_| Err("a frame did not arrive in time".into()))
 }

@@ -17,18 +17,18 @@ use zeroize::Zeroizing;
 use super::accounts::{Account, Accounts, HashError, PasswordCost, PasswordHasher, StoreError, ACCOUNT_VERSION};
 use super::auth::{self, Binding, Purpose};
 use super::directory::{Change, ConnId, Directory};
-use super::limit::LoginLimits;
+use super::limit::{Admission, ConnectionGate, ConnectionPolicy, LoginLimits, Rate, RateLimiter};
 use super::proto::{
     AccountInfo, Credentials, Refusal, Request, Response, ALPN, MAX_FRAME, MAX_ONLINE_LIST, MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS,
 };
 use crate::address::ServerAddress;
-use crate::clock::unix_now;
+use crate::clock::{unix_now, unix_now_ms};
 use crate::keys::IdentityKey;
 use crate::presence::{Freshness, PresenceError};
 use crate::quic::write_frame;
 use crate::tls::{self, CertKey};
 use crate::username::Username;
-use crate::wire::{decode_message, decode_single_frame, encode_frame, encode_message, HEADER_LEN};
+use crate::wire::{decode_message, encode_frame, encode_message, frame_len, HEADER_LEN};
 
 /// Time a client has to send a whole request on a stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +38,17 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_STREAMS: u32 = 16;
 /// Time a connection has to sign in before the node closes it.
 const SIGN_IN_DEADLINE: Duration = Duration::from_secs(30);
+/// Requests up to this size are read at once; larger ones (only a long `Watch` list is
+/// that large) first take their size from [`LARGE_REQUEST_BUDGET`].
+const SMALL_REQUEST: usize = 1024;
+/// Bytes of large requests the node holds at once, from all connections together, so
+/// clients that send large requests slowly cannot make it hold 16 × 32 KiB per
+/// connection. Small requests never wait for it.
+const LARGE_REQUEST_BUDGET: usize = 16 << 20;
+/// QUIC flow-control window per request stream: one whole request of the largest size.
+const REQUEST_WINDOW: u32 = (MAX_FRAME + HEADER_LEN).next_power_of_two() as u32;
+/// Sources and rate buckets the lookup limiter remembers.
+const RATE_TABLE: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -68,6 +79,21 @@ pub struct NodeConfig {
     pub hash_workers: usize,
     /// Argon2 jobs allowed to wait; more get `Busy`.
     pub hash_queue: usize,
+    /// Connections one source address (IPv6: one /64) may hold at once, handshakes
+    /// included; more are refused. Default 256: room for a household or an office
+    /// behind one address, while one address holds at most a few megabytes of the node.
+    pub max_connections_per_address: usize,
+    /// Connections the node holds at once from everywhere; more are refused. Default
+    /// 20,000 (twice the load the node is measured at; about 33 KB each when idle).
+    pub max_connections: usize,
+    /// QUIC handshakes in flight at once; more are refused. Past half of them, a client
+    /// whose address QUIC has not validated yet is sent a Retry first. Default 256.
+    pub max_handshakes: usize,
+    /// `Lookup`, `ListOnline` and `Watch` requests per source address (IPv6: per /64):
+    /// past the burst, `RateLimited`. `None` turns the limit off. Default 20 a second
+    /// with a burst of 200, far above what a person's clients ask, far below what
+    /// walking the user list would need.
+    pub lookup_rate: Option<Rate>,
 }
 
 impl NodeConfig {
@@ -81,6 +107,10 @@ impl NodeConfig {
             password_cost: PasswordCost::OWASP,
             hash_workers: cores.saturating_sub(1).max(1),
             hash_queue: 64,
+            max_connections_per_address: 256,
+            max_connections: 20_000,
+            max_handshakes: 256,
+            lookup_rate: Some(Rate { per_second: 20, burst: 200 }),
         }
     }
 }
@@ -93,6 +123,12 @@ struct Shared {
     directory: Mutex<Directory>,
     limits: Mutex<LoginLimits>,
     next_conn: AtomicU64,
+    /// Connections per source address and in all.
+    gate: ConnectionGate,
+    /// Lookups per source address, when limited.
+    lookups: Option<Mutex<RateLimiter>>,
+    /// Bytes of large requests being read, node-wide.
+    large_requests: tokio::sync::Semaphore,
 }
 
 /// A bound, ready node.
@@ -109,7 +145,8 @@ impl Node {
         crate::profile::private_dir(&config.data_dir, true).map_err(data_err)?;
         let cert = CertKey::load_or_create(&config.data_dir, "sotto-rendezvous").map_err(data_err)?;
         let accounts = Accounts::open(&config.data_dir.join("accounts"))?;
-        let server = tls::server_config(&cert, ALPN, MAX_STREAMS)?;
+        let mut server = tls::server_config(&cert, ALPN, MAX_STREAMS)?;
+        server.transport_config(tls::request_transport(MAX_STREAMS, REQUEST_WINDOW));
         let endpoint =
             quinn::Endpoint::server(server, config.listen).map_err(|source| NodeError::Listen { addr: config.listen, source })?;
         let local = endpoint.local_addr().map_err(|source| NodeError::Listen { addr: config.listen, source })?;
@@ -128,6 +165,13 @@ impl Node {
             directory: Mutex::new(Directory::new(config.freshness)),
             limits: Mutex::new(LoginLimits::new(LoginLimits::ACCOUNT, LoginLimits::ADDRESS, 100_000)),
             next_conn: AtomicU64::new(1),
+            gate: ConnectionGate::new(ConnectionPolicy {
+                per_source: config.max_connections_per_address,
+                total: config.max_connections,
+                handshakes: config.max_handshakes,
+            }),
+            lookups: config.lookup_rate.map(|rate| Mutex::new(RateLimiter::new(rate, RATE_TABLE))),
+            large_requests: tokio::sync::Semaphore::new(LARGE_REQUEST_BUDGET),
         });
         info!(accounts = shared.accounts.len(), %local, "rendezvous node ready");
         Ok(Node { endpoint, address, shared })
@@ -149,7 +193,7 @@ impl Node {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    tokio::spawn(serve_connection(self.shared.clone(), incoming));
+                    self.admit(incoming);
                 }
                 _ = sweep.tick() => {
                     let mut directory = lock(&self.shared.directory);
@@ -167,6 +211,25 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         self.shared.accounts.flush().await?;
         Ok(())
+    }
+
+    /// Accepts, retries or refuses a connection attempt by the counts in the gate.
+    fn admit(&self, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        match self.shared.gate.admit(remote.ip(), incoming.remote_address_validated()) {
+            Admission::Accept(ticket) => {
+                tokio::spawn(serve_connection(self.shared.clone(), incoming, ticket));
+            }
+            Admission::Retry => {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+            }
+            Admission::Refuse(crowded) => {
+                debug!(%remote, ?crowded, "connection refused");
+                incoming.refuse();
+            }
+        }
     }
 }
 
@@ -204,13 +267,18 @@ struct ConnState {
     user: Option<Username>,
 }
 
-async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, mut ticket: super::limit::Ticket) {
     let remote = incoming.remote_address();
     let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return debug!(%remote, error = %e, "handshake failed"),
         Err(_) => return debug!(%remote, "handshake timed out"),
     };
+    if ticket.handshake_done().is_err() {
+        debug!(%remote, "too many connections from this address");
+        connection.close(3u32.into(), b"too many connections from this address");
+        return;
+    }
     if tls::negotiated_alpn(&connection).as_deref() != Some(ALPN) {
         connection.close(1u32.into(), b"wrong ALPN");
         return;
@@ -256,16 +324,28 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     shared.announce(gone);
 }
 
+/// Reads one request: a frame header, then exactly the bytes it names and the end of
+/// the stream. A large request first takes its size from the node-wide budget.
+async fn read_request(shared: &Shared, recv: &mut quinn::RecvStream) -> Result<Request, String> {
+    let mut header = [0u8; HEADER_LEN];
+    recv.read_exact(&mut header).await.map_err(|e| e.to_string())?;
+    let len = frame_len(header, MAX_FRAME).map_err(|e| e.to_string())?;
+    let _budget = match len {
+        0..=SMALL_REQUEST => None,
+        // `len` is at most MAX_FRAME, so it fits in u32; the semaphore is never closed.
+        _ => Some(shared.large_requests.acquire_many(len as u32).await.map_err(|e| e.to_string())?),
+    };
+    let body = recv.read_to_end(len).await.map_err(|e| e.to_string())?;
+    if body.len() != len {
+        return Err(format!("the stream ended {} bytes into a {len}-byte request", body.len()));
+    }
+    decode_message::<Request>(&body).map_err(|e| e.to_string())
+}
+
 async fn serve_stream(shared: Arc<Shared>, conn: Arc<Conn>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let response = match tokio::time::timeout(REQUEST_TIMEOUT, recv.read_to_end(HEADER_LEN + MAX_FRAME)).await {
-        Ok(Ok(bytes)) => match decode_single_frame(&bytes, MAX_FRAME).and_then(decode_message::<Request>) {
-            Ok(Request::Watch { usernames }) => return watch(&shared, &conn, usernames, send).await,
-            Ok(request) => handle(&shared, &conn, request).await,
-            Err(e) => {
-                debug!(conn = conn.id, error = %e, "malformed request");
-                Response::Refused(Refusal::Malformed)
-            }
-        },
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&shared, &mut recv)).await {
+        Ok(Ok(Request::Watch { usernames })) => return watch(&shared, &conn, usernames, send).await,
+        Ok(Ok(request)) => handle(&shared, &conn, request).await,
         Ok(Err(e)) => {
             debug!(conn = conn.id, error = %e, "request not read");
             Response::Refused(Refusal::Malformed)
@@ -296,8 +376,8 @@ async fn handle(shared: &Shared, conn: &Conn, request: Request) -> Response {
             shared.announce(gone);
             Response::Withdrawn
         }),
-        Request::Lookup { username } => signed_in(conn).and_then(|_| lookup(shared, &username)),
-        Request::ListOnline => signed_in(conn).map(|_| {
+        Request::Lookup { username } => signed_in(conn).and_then(|_| rate_limited(shared, conn)).and_then(|_| lookup(shared, &username)),
+        Request::ListOnline => signed_in(conn).and_then(|_| rate_limited(shared, conn)).map(|_| {
             let (usernames, truncated) = lock(&shared.directory).online(unix_now(), MAX_ONLINE_LIST);
             Response::Online { usernames, truncated }
         }),
@@ -314,7 +394,7 @@ async fn watch(shared: &Shared, conn: &Conn, usernames: Vec<Username>, mut send:
         _ if !lock(&conn.state).hello => Some(Refusal::NeedHello),
         Err(r) => Some(r),
         Ok(_) if usernames.len() > MAX_ONLINE_LIST => Some(Refusal::Malformed),
-        Ok(_) => None,
+        Ok(_) => rate_limited(shared, conn).err(),
     };
     if let Some(r) = refusal {
         let _ = write_frame(&mut send, &encode_message(&Response::Refused(r))).await;
@@ -354,6 +434,15 @@ fn hello(shared: &Shared, conn: &Conn) -> Response {
     lock(&conn.state).hello = true;
     let f = lock(&shared.directory).freshness();
     Response::Challenge { challenge: conn.binding.challenge, server_time: unix_now(), max_ttl: f.max_ttl, max_skew: f.max_skew }
+}
+
+/// Takes one request from the connection's source address's lookup allowance.
+fn rate_limited(shared: &Shared, conn: &Conn) -> Result<(), Refusal> {
+    let Some(limiter) = &shared.lookups else { return Ok(()) };
+    lock(limiter).allow(conn.remote.ip(), unix_now_ms()).map_err(|retry_after_secs| {
+        debug!(conn = conn.id, remote = %conn.remote, "lookup rate limited");
+        Refusal::RateLimited { retry_after_secs }
+    })
 }
 
 fn signed_in(conn: &Conn) -> Result<Username, Refusal> {
