@@ -6,6 +6,11 @@
 //! After a `subscribe` call, the connection also receives notifications
 //! `{"jsonrpc":"2.0","method":"event","params":{"event_id":N,"type":...}}` with
 //! increasing ids. Only the user who owns the process may connect (`SO_PEERCRED`).
+//!
+//! Nothing secret crosses the socket except what the user asked for (message bodies,
+//! history): no passphrase, password or key. The directory must be ours, not a symbolic
+//! link, and 0700: an empty one is narrowed to 0700, one that is open to others and
+//! already holds something is refused (see [`private_dir`]).
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -97,6 +102,8 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
         // Stale, or someone else's: the directory is ours, so the name is too.
         std::fs::remove_file(path)?;
     }
+    // The directory is ours and 0700, so nobody else can reach the socket even before
+    // its own mode is set; the binary's umask 077 creates it 0700 in the first place.
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
@@ -393,5 +400,22 @@ mod tests {
         std::os::unix::fs::symlink(&loose, &link).unwrap();
         assert_eq!(bind(&link.join("t.sock")).await.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
         assert!(ControlClient::connect(&link.join("s.sock")).await.is_none(), "never talks through a symlinked directory");
+    }
+
+    #[tokio::test]
+    async fn a_socket_directory_opened_to_others_after_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let path = run.join("s.sock");
+        let listener = bind(&path).await.unwrap();
+        drop(listener);
+        // Someone could have planted a socket or swapped ours while the directory was open.
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o733)).unwrap();
+        let e = bind(&path).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        let shown = e.to_string();
+        assert!(shown.contains(&format!("chmod 700 {}", run.display())) && shown.contains("mode 733"), "{shown}");
+        assert!(ControlClient::connect(&path).await.is_none(), "a client does not use it either");
+        assert_eq!(std::fs::metadata(&run).unwrap().permissions().mode() & 0o777, 0o733, "left as found");
     }
 }

@@ -18,10 +18,14 @@
 //! ```
 //!
 //! This module encodes and decodes bytes; reading and writing the file is the caller's.
+//!
+//! Secrets in memory: the derived key, argon2's working memory (from which the key can
+//! be recomputed) and the 64 plaintext bytes live in buffers wiped on drop; the AEAD
+//! runs in place on a stack buffer, so no heap copy of the plaintext is ever made.
 
-use argon2::{Algorithm, Argon2, Params, Version};
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use rand::rngs::OsRng;
 use rand::RngCore;
 use zeroize::Zeroizing;
@@ -32,7 +36,7 @@ pub const MAGIC: &[u8; 8] = b"sotto-id";
 pub const FORMAT_VERSION: u8 = 1;
 pub const KDF_ARGON2ID: u8 = 1;
 pub const HEADER_LEN: usize = 126;
-pub const FILE_LEN: usize = HEADER_LEN + 64 + 16;
+pub const FILE_LEN: usize = HEADER_LEN + SECRETS_LEN + TAG_LEN;
 
 /// Upper bounds accepted when reading a file, so a crafted header cannot make the
 /// reader allocate gigabytes or spin for minutes.
@@ -142,9 +146,18 @@ impl Header {
     }
 }
 
+/// Length of the encrypted secrets: identity seed ‖ Noise secret.
+const SECRETS_LEN: usize = 64;
+const TAG_LEN: usize = 16;
+
 fn derive_key(passphrase: &[u8], header: &Header) -> Result<Zeroizing<[u8; 32]>, IdFileError> {
+    let argon2 = header.kdf.argon2()?;
     let mut key = Zeroizing::new([0u8; 32]);
-    header.kdf.argon2()?.hash_password_into(passphrase, &header.salt, key.as_mut()).map_err(|_| IdFileError::BadKdfParams)?;
+    // argon2's own allocation would be freed unwiped; this one is zeroized on drop.
+    let mut memory = Zeroizing::new(vec![Block::new(); argon2.params().block_count()]);
+    argon2
+        .hash_password_into_with_memory(passphrase, &header.salt, key.as_mut(), memory.as_mut_slice())
+        .map_err(|_| IdFileError::BadKdfParams)?;
     Ok(key)
 }
 
@@ -171,15 +184,19 @@ pub fn seal_with(identity: &Identity, passphrase: &[u8], header: &Header) -> Res
     }
     let key = derive_key(passphrase, header)?;
     let aad = header.encode();
-    let mut plaintext = Zeroizing::new([0u8; 64]);
-    plaintext[..32].copy_from_slice(identity.secret.seed().as_ref());
-    plaintext[32..].copy_from_slice(identity.noise.as_bytes());
+    // Encrypted in place: the buffer holds the plaintext, then the ciphertext, and is
+    // wiped when dropped either way.
+    let mut buffer = Zeroizing::new([0u8; SECRETS_LEN]);
+    buffer[..32].copy_from_slice(identity.secret.seed().as_ref());
+    buffer[32..].copy_from_slice(identity.noise.as_bytes());
     let cipher = XChaCha20Poly1305::new(key.as_ref().into());
-    let ciphertext = cipher
-        .encrypt(XNonce::from_slice(&header.nonce), Payload { msg: plaintext.as_ref(), aad: &aad })
+    let tag = cipher
+        .encrypt_in_place_detached(XNonce::from_slice(&header.nonce), &aad, buffer.as_mut())
         .map_err(|_| IdFileError::Inconsistent)?;
-    let mut out = aad.to_vec();
-    out.extend_from_slice(&ciphertext);
+    let mut out = Vec::with_capacity(FILE_LEN);
+    out.extend_from_slice(&aad);
+    out.extend_from_slice(buffer.as_ref());
+    out.extend_from_slice(&tag);
     Ok(out)
 }
 
@@ -188,15 +205,18 @@ pub fn open(file: &[u8], passphrase: &[u8]) -> Result<Identity, IdFileError> {
     let header = Header::parse(file)?;
     let key = derive_key(passphrase, &header)?;
     let cipher = XChaCha20Poly1305::new(key.as_ref().into());
-    let plaintext = Zeroizing::new(
-        cipher
-            .decrypt(XNonce::from_slice(&header.nonce), Payload { msg: &file[HEADER_LEN..], aad: &file[..HEADER_LEN] })
-            .map_err(|_| IdFileError::WrongPassphrase)?,
-    );
+    // Decrypted in place into a buffer wiped on drop; the tag is checked before any
+    // plaintext is produced.
+    let mut plaintext = Zeroizing::new([0u8; SECRETS_LEN]);
+    plaintext.copy_from_slice(&file[HEADER_LEN..HEADER_LEN + SECRETS_LEN]);
+    let tag = Tag::from_slice(&file[HEADER_LEN + SECRETS_LEN..HEADER_LEN + SECRETS_LEN + TAG_LEN]);
+    cipher
+        .decrypt_in_place_detached(XNonce::from_slice(&header.nonce), &file[..HEADER_LEN], plaintext.as_mut(), tag)
+        .map_err(|_| IdFileError::WrongPassphrase)?;
     let mut seed = Zeroizing::new([0u8; 32]);
     seed.copy_from_slice(&plaintext[..32]);
     let mut noise = Zeroizing::new([0u8; 32]);
-    noise.copy_from_slice(&plaintext[32..64]);
+    noise.copy_from_slice(&plaintext[32..]);
     let identity = Identity { secret: IdentitySecret::from_seed(&seed), noise: NoiseSecret::from_bytes(&noise) };
     if identity.public().as_bytes() != &header.identity_key || identity.noise.public().as_bytes() != &header.noise_key {
         return Err(IdFileError::Inconsistent);

@@ -10,7 +10,7 @@ use rand::rngs::OsRng;
 use rand::RngCore;
 use sha2::{Digest, Sha512};
 use subtle::ConstantTimeEq;
-use zeroize::Zeroizing;
+use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 /// Domain of the identity signature that binds a Noise static key to an identity.
 pub const DOMAIN_NOISE_BINDING: &[u8] = b"sotto/noise-key/v1";
@@ -78,8 +78,12 @@ impl fmt::Debug for IdentityKey {
     }
 }
 
-/// The Ed25519 secret identity key. Zeroized on drop (ed25519-dalek's `zeroize`).
+/// The Ed25519 secret identity key. Zeroized on drop: ed25519-dalek's `SigningKey`
+/// wipes its secret on drop (its `zeroize` feature). `Debug` prints no key material.
 pub struct IdentitySecret(SigningKey);
+
+// `SigningKey` implements `ZeroizeOnDrop` (checked by `secrets_are_zeroize_on_drop`).
+impl ZeroizeOnDrop for IdentitySecret {}
 
 impl IdentitySecret {
     pub fn generate() -> Self {
@@ -132,8 +136,10 @@ impl fmt::Debug for NoiseKey {
     }
 }
 
-/// The X25519 Noise static secret. Zeroized on drop.
+/// The X25519 Noise static secret. Zeroized on drop; `Debug` prints no key material.
 pub struct NoiseSecret(Zeroizing<[u8; 32]>);
+
+impl ZeroizeOnDrop for NoiseSecret {}
 
 impl NoiseSecret {
     pub fn generate() -> Self {
@@ -151,6 +157,7 @@ impl NoiseSecret {
     }
 
     pub fn public(&self) -> NoiseKey {
+        // `StaticSecret` wipes its copy on drop (x25519-dalek's `zeroize`).
         let secret = x25519_dalek::StaticSecret::from(*self.0);
         NoiseKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
     }
@@ -181,12 +188,15 @@ impl NoiseBinding {
     }
 }
 
-/// Everything secret a profile holds, unlocked from the identity file.
+/// Everything secret a profile holds, unlocked from the identity file. Both halves wipe
+/// themselves on drop, and `Debug` shows `IdentitySecret(..)` and `NoiseSecret(..)`.
 #[derive(Debug)]
 pub struct Identity {
     pub secret: IdentitySecret,
     pub noise: NoiseSecret,
 }
+
+impl ZeroizeOnDrop for Identity {}
 
 impl Identity {
     pub fn generate() -> Self {
@@ -308,9 +318,63 @@ mod tests {
     #[test]
     fn secrets_do_not_print() {
         let id = Identity::generate();
-        let shown = format!("{id:?}");
-        assert!(!shown.contains(&hex::encode(*id.secret.seed())));
-        assert!(shown.contains("IdentitySecret(..)") && shown.contains("NoiseSecret(..)"));
+        for shown in [format!("{id:?}"), format!("{id:#?}"), format!("{:?}", id.secret), format!("{:?}", id.noise)] {
+            for secret in [*id.secret.seed(), *id.noise.as_bytes()] {
+                assert!(!shown.contains(&hex::encode(secret)), "{shown}");
+                assert!(!shown.to_lowercase().contains(&hex::encode(&secret[..4])), "{shown}");
+                // The `Debug` of a byte array: `[12, 34, ...`.
+                assert!(!shown.contains(&format!("{:?}", &secret[..4]).trim_end_matches(']').to_string()), "{shown}");
+            }
+        }
+        assert_eq!(format!("{:?}", id.secret), "IdentitySecret(..)");
+        assert_eq!(format!("{:?}", id.noise), "NoiseSecret(..)");
+        assert_eq!(format!("{id:?}"), "Identity { secret: IdentitySecret(..), noise: NoiseSecret(..) }");
+    }
+
+    #[test]
+    fn secrets_are_zeroize_on_drop() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        // The types the markers above rely on really wipe themselves.
+        wiped_on_drop::<SigningKey>();
+        wiped_on_drop::<Zeroizing<[u8; 32]>>();
+        wiped_on_drop::<Identity>();
+    }
+
+    /// The bytes of `value`'s own storage after running its destructor in place.
+    fn bytes_after_drop<T>(value: T) -> Vec<u8> {
+        let mut slot = std::mem::ManuallyDrop::new(value);
+        // SAFETY: the value is dropped exactly once and never used as a `T` again; its
+        // storage stays alive in `slot` (`ManuallyDrop` is `repr(transparent)`), and the
+        // types read here (byte and u64 arrays) have no padding, so every byte is
+        // initialised.
+        unsafe {
+            std::mem::ManuallyDrop::drop(&mut slot);
+            std::slice::from_raw_parts((&slot as *const std::mem::ManuallyDrop<T>).cast::<u8>(), std::mem::size_of::<T>()).to_vec()
+        }
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn dropping_a_secret_wipes_its_bytes() {
+        let seed = [0x5a; 32];
+        let noise = [0xa5; 32];
+        let identity = IdentitySecret::from_seed(&seed);
+        let before = {
+            // SAFETY: as in `bytes_after_drop`, reading initialised bytes of a live value.
+            unsafe { std::slice::from_raw_parts((&identity as *const IdentitySecret).cast::<u8>(), std::mem::size_of::<IdentitySecret>()) }
+                .to_vec()
+        };
+        assert!(contains(&before, &seed), "the seed is where this test looks for it");
+        assert!(!contains(&bytes_after_drop(identity), &seed), "the identity seed survived its drop");
+        let after = bytes_after_drop(NoiseSecret::from_bytes(&noise));
+        assert!(after.iter().all(|b| *b == 0), "the Noise secret survived its drop");
+        // `NoiseSecret::public` relies on this (x25519-dalek's `zeroize(drop)`).
+        assert!(bytes_after_drop(x25519_dalek::StaticSecret::from(noise)).iter().all(|b| *b == 0));
+        // The seed copy `seed()` hands out is wiped too.
+        assert!(bytes_after_drop(IdentitySecret::from_seed(&seed).seed()).iter().all(|b| *b == 0));
     }
 
     #[test]

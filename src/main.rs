@@ -8,6 +8,17 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Everything sotto creates (history database, logs, sockets, keys, certificates) is
+    // the user's alone from the moment it exists, whatever the library asks for.
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe { libc::umask(0o077) };
+    // No core dumps of a process that may hold a decrypted identity, and no `ptrace` or
+    // /proc/PID/mem reading by the user's other processes (as ssh-agent does).
+    // SAFETY: PR_SET_DUMPABLE takes one integer argument and only changes this process.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0);
+    }
     let args = cli::Args::parse();
     cli::init_logging(args.verbose, args.quiet, cli::log_file(&args));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -25,10 +25,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Keep-alive interval clients use so an idle but live connection never times out.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
-/// A certificate and its private key (PKCS#8 DER).
+/// A certificate and its private key (PKCS#8 DER). The key is wiped when the `CertKey`
+/// is dropped and never shown by `Debug`; the copies rustls and ring make from it are
+/// theirs (SECURITY.md, "Secrets in memory").
 pub struct CertKey {
     pub cert: CertificateDer<'static>,
-    key: PrivatePkcs8KeyDer<'static>,
+    key: zeroize::Zeroizing<PrivatePkcs8KeyDer<'static>>,
 }
 
 impl std::fmt::Debug for CertKey {
@@ -41,13 +43,16 @@ impl CertKey {
     /// Makes a fresh self-signed certificate for `name` (the name is informative only).
     pub fn generate(name: &str) -> Result<Self, rcgen::Error> {
         let certified = rcgen::generate_simple_self_signed(vec![name.to_string()])?;
-        Ok(Self { cert: certified.cert.der().clone(), key: PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()) })
+        let key = zeroize::Zeroizing::new(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
+        Ok(Self { cert: certified.cert.der().clone(), key })
     }
 
     /// Loads `cert.der` and `key.der` from `dir`, or makes and saves both (key mode
-    /// 0600). Refuses a key readable by others and a directory holding only one half.
+    /// 0600, created so). `dir` is created 0700, or narrowed to 0700 (its parent is
+    /// checked private by the caller). Refuses a key readable by others and a directory
+    /// holding only one half.
     pub fn load_or_create(dir: &Path, name: &str) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        crate::profile::private_subdir(dir)?;
         let (cert_path, key_path) = (dir.join("cert.der"), dir.join("key.der"));
         match (cert_path.exists(), key_path.exists()) {
             (true, true) => {
@@ -55,12 +60,16 @@ impl CertKey {
                 if mode & 0o077 != 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::PermissionDenied,
-                        format!("{} is readable by other users (mode {mode:o}); run `chmod 600` on it", key_path.display()),
+                        format!(
+                            "{} is readable by other users (mode {mode:o}); run `chmod 600 {}`",
+                            key_path.display(),
+                            key_path.display()
+                        ),
                     ));
                 }
                 let cert = fs::read(&cert_path)?;
-                let key = fs::read(&key_path)?;
-                Ok(Self { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) })
+                let key = zeroize::Zeroizing::new(PrivatePkcs8KeyDer::from(fs::read(&key_path)?));
+                Ok(Self { cert: CertificateDer::from(cert), key })
             }
             (false, false) => {
                 let fresh = Self::generate(name).map_err(io::Error::other)?;
@@ -104,15 +113,42 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn transport(server: bool, max_bidi: u32) -> Arc<quinn::TransportConfig> {
+/// Bytes the other side may send on one stream ahead of what we have read (quinn's
+/// default, enough for 100 Mbit/s at 100 ms).
+const STREAM_WINDOW: u32 = 1_250_000;
+
+fn transport_config(server: bool, max_bidi: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // The timeout is always below 2^62 µs, so the conversion cannot fail.
     t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout in range")));
+    t.stream_receive_window(STREAM_WINDOW.into());
+    // A peer session moves its data on one stream and rendezvous answers are small, so
+    // one stream's window serves as the connection's: streams the other side opens and
+    // we never read cannot make us buffer more (quinn's default is no connection limit).
+    t.receive_window(STREAM_WINDOW.into());
     t.max_concurrent_bidi_streams(max_bidi.into());
     t.max_concurrent_uni_streams(0u32.into());
     if !server {
         t.keep_alive_interval(Some(KEEP_ALIVE));
     }
+    t
+}
+
+fn transport(server: bool, max_bidi: u32) -> Arc<quinn::TransportConfig> {
+    Arc::new(transport_config(server, max_bidi))
+}
+
+/// Server transport for small requests of at most `request` bytes each: a client may
+/// have one whole request in flight per stream window and two in all per connection
+/// before it must wait for the server to read; the server buffers at most
+/// `max_bidi` answers of that size per connection for a client that does not take them.
+/// quinn's defaults (1.25 MB per stream, unbounded per connection, 10 MB of send buffer)
+/// suit bulk transfer, not a server holding thousands of connections.
+pub fn request_transport(max_bidi: u32, request: u32) -> Arc<quinn::TransportConfig> {
+    let mut t = transport_config(true, max_bidi);
+    t.stream_receive_window(request.into());
+    t.receive_window((2 * request).into());
+    t.send_window(u64::from(max_bidi) * u64::from(request));
     Arc::new(t)
 }
 

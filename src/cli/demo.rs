@@ -36,10 +36,10 @@ fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
 }
 
-fn random_secret() -> String {
-    let mut bytes = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    hex::encode(bytes)
+fn random_secret() -> zeroize::Zeroizing<String> {
+    let mut bytes = zeroize::Zeroizing::new([0u8; 16]);
+    rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+    zeroize::Zeroizing::new(hex::encode(bytes.as_ref()))
 }
 
 /// A demo user: a profile directory with an identity, a username and a password.
@@ -47,7 +47,7 @@ struct User {
     name: Username,
     profile: Profile,
     identity: Identity,
-    password: String,
+    password: zeroize::Zeroizing<String>,
 }
 
 /// A demo user who is online: their peer agent and presence keeper.
@@ -70,7 +70,7 @@ impl Online {
 
 async fn go_online(user: User, server: &ServerAddress) -> Result<Online> {
     let cert = CertKey::load_or_create(&user.profile.home().join("peer"), "sotto-peer")?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&user.profile.home().join("db"))?);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&user.profile.history_dir()?)?);
     let identity = Arc::new(user.identity);
     let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
     let agent = Agent::start(identity.clone(), store, &cert, AgentConfig { username: user.name.clone(), server: server.clone(), listen })?;

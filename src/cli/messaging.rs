@@ -33,7 +33,7 @@ fn peer_cert(profile: &Profile) -> Result<CertKey> {
 }
 
 fn open_store(profile: &Profile) -> Result<Arc<dyn Store>> {
-    let path = profile.home().join("db");
+    let path = profile.history_dir()?;
     match SledStore::open(&path) {
         Ok(store) => Ok(Arc::new(store)),
         Err(e) => Err(anyhow::Error::new(e).context(format!(

@@ -20,7 +20,8 @@ pub fn from_file(path: &Path) -> Result<Zeroizing<String>> {
 }
 
 pub fn from_stdin() -> Result<Zeroizing<String>> {
-    let mut line = Zeroizing::new(String::new());
+    // Room for any password up front: a buffer that grew would leave copies behind.
+    let mut line = Zeroizing::new(String::with_capacity(4096));
     std::io::stdin().lock().read_line(&mut line).context("cannot read standard input")?;
     Ok(Zeroizing::new(line.trim_end_matches(['\r', '\n']).to_string()))
 }

@@ -12,7 +12,7 @@ use crate::keys::Identity;
 use crate::presence::SignedPresence;
 use crate::tls;
 use crate::username::Username;
-use crate::wire::{decode_message, decode_single_frame, encode_frame, encode_message, HEADER_LEN};
+use crate::wire::{decode_message, decode_single_frame, encode_frame, encode_message, HEADER_LEN, WIRE_VERSION};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,9 +106,19 @@ impl RendezvousClient {
 
     /// Sends one request on a new stream and reads the one response.
     async fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        self.call_frame(&encode_frame(&encode_message(request))).await
+    }
+
+    /// Sends a request that carries a password, from a frame buffer wiped on drop.
+    async fn call_secret(&self, request: &Request) -> Result<Response, ClientError> {
+        self.call_frame(&secret_frame(request)?).await
+    }
+
+    /// Sends one encoded request frame on a new stream and reads the one response.
+    async fn call_frame(&self, frame: &[u8]) -> Result<Response, ClientError> {
         let exchange = async {
             let (mut send, mut recv) = self.conn.open_bi().await?;
-            send.write_all(&encode_frame(&encode_message(request))).await.map_err(|_| ClientError::Protocol)?;
+            send.write_all(frame).await.map_err(|_| ClientError::Protocol)?;
             send.finish().map_err(|_| ClientError::Protocol)?;
             let bytes = recv.read_to_end(HEADER_LEN + MAX_FRAME).await.map_err(|e| match e {
                 quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => ClientError::Connection(c),
@@ -133,7 +143,7 @@ impl RendezvousClient {
     }
 
     pub async fn register(&self, identity: &Identity, username: &Username, password: &str) -> Result<(), ClientError> {
-        match self.call(&Request::Register(self.credentials(identity, username, password, Purpose::Register))).await? {
+        match self.call_secret(&Request::Register(self.credentials(identity, username, password, Purpose::Register))).await? {
             Response::Registered => Ok(()),
             _ => Err(ClientError::Protocol),
         }
@@ -141,7 +151,7 @@ impl RendezvousClient {
 
     /// Logs in with the password, binding this identity; `true` if the key changed.
     pub async fn login(&self, identity: &Identity, username: &Username, password: &str) -> Result<bool, ClientError> {
-        match self.call(&Request::Login(self.credentials(identity, username, password, Purpose::Login))).await? {
+        match self.call_secret(&Request::Login(self.credentials(identity, username, password, Purpose::Login))).await? {
             Response::LoggedIn { key_changed } => Ok(key_changed),
             _ => Err(ClientError::Protocol),
         }
@@ -221,6 +231,19 @@ impl RendezvousClient {
     }
 }
 
+/// Encodes `request` as one frame (the same bytes as `encode_frame(&encode_message(..))`)
+/// into a single allocation that is wiped on drop: growing a `Vec` while encoding would
+/// leave copies of the password in freed memory.
+fn secret_frame(request: &Request) -> Result<zeroize::Zeroizing<Vec<u8>>, ClientError> {
+    let mut frame = zeroize::Zeroizing::new(vec![0u8; HEADER_LEN + MAX_FRAME]);
+    frame[HEADER_LEN] = WIRE_VERSION;
+    let body = postcard::to_slice(request, &mut frame[HEADER_LEN + 1..]).map_err(|_| ClientError::Protocol)?.len();
+    let len = u32::try_from(1 + body).map_err(|_| ClientError::Protocol)?;
+    frame[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    frame.truncate(HEADER_LEN + 1 + body);
+    Ok(frame)
+}
+
 /// What a watch reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -283,4 +306,26 @@ pub fn verify_lookup(info: AccountInfo, now: u64, skew: u64) -> Result<VerifiedA
         }
     };
     Ok(VerifiedAccount { info, presence })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rendezvous::proto::Credentials;
+
+    #[test]
+    fn a_secret_frame_is_the_ordinary_encoding() {
+        let id = crate::presence::tests::identity(1);
+        let username = Username::parse("alice").unwrap();
+        let credentials = || Credentials {
+            username: username.clone(),
+            password: "correct horse battery staple".into(),
+            identity_key: id.public(),
+            noise: id.binding(),
+            proof: [7; 64],
+        };
+        for request in [Request::Register(credentials()), Request::Login(credentials()), Request::Hello] {
+            assert_eq!(secret_frame(&request).unwrap().as_slice(), encode_frame(&encode_message(&request)).as_slice());
+        }
+    }
 }
