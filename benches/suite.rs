@@ -531,7 +531,7 @@ fn history(scale: Scale) {
     }
     {
         let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree("history").unwrap();
+        let tree = db.open_tree("chat").unwrap();
         let mut prefix = b"mpeer7".to_vec();
         prefix.push(0);
         for _ in 0..lookups / 10 {

@@ -23,7 +23,7 @@ use crate::presence::PresenceRecord;
 use crate::quic::{read_frame, write_frame};
 use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, WatchEvent, LOOKUP_SKEW};
 use crate::rendezvous::proto::Refusal;
-use crate::store::{durable, Contact, Direction, Durability, State, Store, StoreError, StoredMessage};
+use crate::store::{durable, Contact, Direction, Durability, MessageRef, State, Store, StoreError, StoredMessage};
 use crate::tls::{self, CertKey};
 use crate::username::Username;
 
@@ -122,6 +122,14 @@ struct SessionHandle {
 struct Outgoing {
     message: PeerMessage,
     id: [u8; 16],
+    /// Where the message is kept here, to mark it delivered.
+    stored_at: u64,
+    acked: oneshot::Sender<()>,
+}
+
+/// A sent message whose ack the session is waiting for.
+struct Waiting {
+    stored_at: u64,
     acked: oneshot::Sender<()>,
 }
 
@@ -254,8 +262,8 @@ impl Agent {
         // The session marks the message delivered when the ack arrives, before it
         // wakes us; an ack that comes after we gave up still marks it delivered.
         let outcome = self.deliver(&msg).await;
-        if outcome.is_err() && store.message(to, Direction::Out, &id)?.is_some_and(|m| m.state == State::Pending) {
-            store.set_state(to, &id, State::Failed)?;
+        if outcome.is_err() && store.message(&msg.at())?.is_some_and(|m| m.state == State::Pending) {
+            store.set_state(&msg.at(), State::Failed)?;
         }
         // Report only once the message itself is on disk here (the recipient acked only
         // once it was on disk there). The delivered or failed mark reaches the disk with
@@ -279,7 +287,7 @@ impl Agent {
         let existing = lock(&self.inner.sessions).get(&msg.peer).cloned();
         if let Some(session) = existing {
             // A reused session may have died quietly; the same id makes a retry safe.
-            if push(&session, chat.clone(), msg.id).await.is_ok() {
+            if push(&session, chat.clone(), msg).await.is_ok() {
                 return Ok(());
             }
             debug!(peer = %msg.peer, "session failed; dialing again");
@@ -288,7 +296,7 @@ impl Agent {
         let record = verified.presence.ok_or_else(|| SendError::Offline(msg.peer.clone()))?;
         let session =
             dial(&self.inner, &msg.peer, &record).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })?;
-        push(&session, chat, msg.id).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })
+        push(&session, chat, msg).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })
     }
 
     /// Looks `user` up, verifies the answer, and checks it against the pinned contact
@@ -510,10 +518,11 @@ async fn watch_contacts(inner: Arc<Inner>) {
 }
 
 /// Queues one message on a session and waits for its ack, all within [`ACK_TIMEOUT`].
-async fn push(session: &SessionHandle, message: PeerMessage, id: [u8; 16]) -> Result<(), String> {
+async fn push(session: &SessionHandle, message: PeerMessage, msg: &StoredMessage) -> Result<(), String> {
+    let (id, stored_at) = (msg.id, msg.stored_at);
     let (acked, ack) = oneshot::channel();
     let attempt = async {
-        session.outgoing.send(Outgoing { message, id, acked }).await.map_err(|_| "session closed".to_string())?;
+        session.outgoing.send(Outgoing { message, id, stored_at, acked }).await.map_err(|_| "session closed".to_string())?;
         ack.await.map_err(|_| "session closed before the acknowledgement".to_string())
     };
     tokio::time::timeout(ACK_TIMEOUT, attempt).await.map_err(|_| "no acknowledgement in time".to_string())?
@@ -713,7 +722,7 @@ async fn run_session(
             }
         }
     });
-    let mut waiting: HashMap<[u8; 16], oneshot::Sender<()>> = HashMap::new();
+    let mut waiting: HashMap<[u8; 16], Waiting> = HashMap::new();
     // Acks owed for stored messages, oldest first, each sent once its flush is done.
     let mut owed: VecDeque<(u64, [u8; 16])> = VecDeque::new();
     let mut progress = inner.store.durability();
@@ -748,10 +757,10 @@ async fn run_session(
                         if let Err(e) = write_frame(&mut send, &bytes).await { break e }
                         // Senders that gave up leave closed channels behind: drop them.
                         if waiting.len() >= prune_at {
-                            waiting.retain(|_, acked| !acked.is_closed());
+                            waiting.retain(|_, w| !w.acked.is_closed());
                             prune_at = (waiting.len() * 2).max(SESSION_QUEUE);
                         }
-                        waiting.insert(out.id, out.acked);
+                        waiting.insert(out.id, Waiting { stored_at: out.stored_at, acked: out.acked });
                     }
                     Err(e) => break e.to_string(),
                 }
@@ -798,7 +807,7 @@ fn handle_message(
     inner: &Inner,
     peer: &Username,
     message: PeerMessage,
-    waiting: &mut HashMap<[u8; 16], oneshot::Sender<()>>,
+    waiting: &mut HashMap<[u8; 16], Waiting>,
 ) -> Result<Option<(u64, [u8; 16])>, String> {
     match message {
         PeerMessage::Chat { id, sent_at, body } => {
@@ -823,8 +832,9 @@ fn handle_message(
             Ok(Some((inner.store.written(), id)))
         }
         PeerMessage::Ack { id } => {
-            if let Some(acked) = waiting.remove(&id) {
-                inner.store.set_state(peer, &id, State::Delivered).map_err(|e| e.to_string())?;
+            if let Some(Waiting { stored_at, acked }) = waiting.remove(&id) {
+                let at = MessageRef { peer: peer.clone(), direction: Direction::Out, stored_at, id };
+                inner.store.set_state(&at, State::Delivered).map_err(|e| e.to_string())?;
                 let _ = inner.events.send(AgentEvent::Delivered { peer: peer.clone(), id });
                 let _ = acked.send(());
             }
