@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use report::{merge, selected, spread, Better, Figure, Samples, Scale};
+use report::{cpu_time, merge, selected, spread, Better, Figure, Samples, Scale};
 use serde_json::json;
 use sotto::address::ServerAddress;
 use sotto::clock::{unix_now_ms, unix_now_ns};
@@ -239,11 +239,11 @@ async fn sustained(w: &World, scale: Scale) {
     let body = "y".repeat(100);
     let (mut rates, mut raw_rates) = (Samples::new(), Samples::new());
     let flushes_before = w.bob.store().durability().borrow().flushes;
-    let mut total = 0u64;
+    let (mut total, mut cpu, mut raw_cpu, mut raw_total) = (0u64, Duration::ZERO, Duration::ZERO, 0f64);
     for _ in 0..reps {
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_time());
         let tasks: Vec<_> = (0..senders)
             .map(|_| {
                 let (alice, bob, body, done, stop) = (w.alice.clone(), bob.clone(), body.clone(), done.clone(), stop.clone());
@@ -263,13 +263,27 @@ async fn sustained(w: &World, scale: Scale) {
             t.await.unwrap();
         }
         total += done.load(Ordering::Relaxed);
+        cpu += cpu_time() - cpu_start;
         rates.push(counted as f64 / elapsed);
-        raw_rates.push(tokio::task::spawn_blocking(move || raw_sled_inserts(secs)).await.unwrap());
+        let raw_cpu_start = cpu_time();
+        let raw_rate = tokio::task::spawn_blocking(move || raw_sled_inserts(secs)).await.unwrap();
+        raw_cpu += cpu_time() - raw_cpu_start;
+        raw_total += raw_rate * secs;
+        raw_rates.push(raw_rate);
     }
     let flushes = w.bob.store().durability().borrow().flushes - flushes_before;
     let extra = merge(
         spread(&rates),
-        json!({ "senders": senders, "messages": total, "receiver_flushes": flushes, "messages_per_flush": total as f64 / flushes.max(1) as f64 }),
+        json!({
+            "senders": senders,
+            "messages": total,
+            "receiver_flushes": flushes,
+            "messages_per_flush": total as f64 / flushes.max(1) as f64,
+            // CPU time per message (both agents, both stores, every thread) and per raw
+            // insert: what each costs whatever else shares the machine.
+            "cpu_us_per_message": cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
+            "baseline_cpu_us_per_insert": raw_cpu.as_secs_f64() * 1e6 / raw_total.max(1.0),
+        }),
     );
     Figure {
         name: "sustained_small_messages",
