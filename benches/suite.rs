@@ -24,8 +24,8 @@ use sotto::clock::{unix_now_ms, unix_now_ns};
 use sotto::keys::Identity;
 use sotto::online::{self, Presence};
 use sotto::peer::agent::{Agent, AgentConfig};
-use sotto::peer::session::{Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
-use sotto::quic::{read_frame, write_frame};
+use sotto::peer::session::{encode_chat, Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
+use sotto::quic::{read_frame, write_frame, FrameReader};
 use sotto::rendezvous::client::RendezvousClient;
 use sotto::store::{Direction, SledStore, State, Store, StoredMessage};
 use sotto::tls::{self, CertKey};
@@ -342,9 +342,12 @@ async fn bulk(scale: Scale) {
             async move {
                 let Some(mut transport) = transport else { return };
                 let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-                while let Ok(Some(frame)) = read_frame(&mut recv, MAX_NOISE_MESSAGE).await {
-                    let PeerMessage::Chat { body, .. } = transport.open(&frame).unwrap() else { panic!("not a chat message") };
-                    assert_eq!(body.len(), MAX_BODY);
+                let (mut reader, mut frames, mut plain) = (FrameReader::new(MAX_NOISE_MESSAGE), Vec::new(), Vec::new());
+                while let Ok(true) = reader.read(&mut recv, &mut frames).await {
+                    for frame in frames.drain(..) {
+                        let PeerMessage::Chat { body, .. } = transport.open_with(&frame, &mut plain).unwrap() else { panic!("not a chat") };
+                        assert_eq!(body.len(), MAX_BODY);
+                    }
                 }
                 let _ = send.finish();
             }
@@ -354,11 +357,15 @@ async fn bulk(scale: Scale) {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let body = "z".repeat(MAX_BODY);
         let start = Instant::now();
+        let mut out = Vec::new();
         for i in 0..frames {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            let frame = sender.seal(&PeerMessage::Chat { id, sent_at: unix_now_ms(), body: body.clone() }).unwrap();
-            write_frame(&mut send, &frame).await.unwrap();
+            // As a session sends a chat message: encoded from the stored body, sealed
+            // into the write buffer.
+            sender.seal_frame(&encode_chat(&id, unix_now_ms(), &body), &mut out).unwrap();
+            send.write_all(&out).await.unwrap();
+            out.clear();
         }
         send.finish().unwrap();
         // The receiver has read everything once the stream is acknowledged as finished.

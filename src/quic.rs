@@ -30,3 +30,114 @@ pub async fn write_frame(send: &mut quinn::SendStream, payload: &[u8]) -> Result
         Err(_) => Err("the other side stopped reading".into()),
     }
 }
+
+/// Cuts a stream into length-prefixed frames of at most `cap` bytes. A frame that
+/// arrives in one piece is handed on without a copy; one that spans pieces is gathered
+/// into a buffer sized from its checked length, never more.
+pub struct FrameReader {
+    cap: usize,
+    partial: bytes::BytesMut,
+}
+
+impl FrameReader {
+    pub fn new(cap: usize) -> Self {
+        Self { cap, partial: bytes::BytesMut::new() }
+    }
+
+    /// Waits for data and appends every frame it completes to `frames` (at least one);
+    /// `false` at a clean end of the stream between frames.
+    pub async fn read(&mut self, recv: &mut quinn::RecvStream, frames: &mut Vec<bytes::Bytes>) -> Result<bool, String> {
+        let before = frames.len();
+        while frames.len() == before {
+            match recv.read_chunk(usize::MAX, true).await.map_err(|e| e.to_string())? {
+                Some(chunk) => self.split(chunk.bytes, frames)?,
+                None if self.partial.is_empty() => return Ok(false),
+                None => return Err("the stream ended inside a frame".into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Adds the next piece of the stream; complete frames go to `frames`.
+    pub fn split(&mut self, mut piece: bytes::Bytes, frames: &mut Vec<bytes::Bytes>) -> Result<(), String> {
+        use bytes::Buf;
+        while !piece.is_empty() {
+            if self.partial.is_empty() && piece.len() >= HEADER_LEN {
+                let len = self.len_of(&piece)?;
+                if piece.len() >= HEADER_LEN + len {
+                    frames.push(piece.slice(HEADER_LEN..HEADER_LEN + len));
+                    piece.advance(HEADER_LEN + len);
+                    continue;
+                }
+            }
+            // Gather the header, then exactly the body it announces.
+            if self.partial.len() < HEADER_LEN {
+                let take = (HEADER_LEN - self.partial.len()).min(piece.len());
+                self.partial.extend_from_slice(&piece[..take]);
+                piece.advance(take);
+                if self.partial.len() < HEADER_LEN {
+                    continue;
+                }
+                let len = self.len_of(&self.partial)?;
+                self.partial.reserve(len);
+            }
+            let whole = HEADER_LEN + self.len_of(&self.partial)?;
+            let take = (whole - self.partial.len()).min(piece.len());
+            self.partial.extend_from_slice(&piece[..take]);
+            piece.advance(take);
+            if self.partial.len() == whole {
+                frames.push(self.partial.split().freeze().slice(HEADER_LEN..));
+            }
+        }
+        Ok(())
+    }
+
+    fn len_of(&self, bytes: &[u8]) -> Result<usize, String> {
+        frame_len(bytes[..HEADER_LEN].try_into().expect("a whole header"), self.cap).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(bodies: &[&[u8]]) -> Vec<u8> {
+        bodies.iter().flat_map(|b| encode_frame(b)).collect()
+    }
+
+    #[test]
+    fn frames_come_out_whole_however_the_stream_is_cut() {
+        let bodies: Vec<&[u8]> = vec![b"one", b"", b"three", &[7u8; 3000], b"x"];
+        let bytes = stream(&bodies);
+        for cut in [1, 2, 3, 4, 5, 7, 64, 1200, bytes.len()] {
+            let mut reader = FrameReader::new(4096);
+            let mut frames = Vec::new();
+            for piece in bytes.chunks(cut) {
+                reader.split(bytes::Bytes::copy_from_slice(piece), &mut frames).unwrap();
+            }
+            assert_eq!(frames.iter().map(|f| f.as_ref()).collect::<Vec<_>>(), bodies, "pieces of {cut}");
+            assert!(reader.partial.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_frame_over_the_cap_is_refused_before_it_is_gathered() {
+        let mut reader = FrameReader::new(100);
+        let mut frames = Vec::new();
+        let big = encode_frame(&[0u8; 101]);
+        assert!(reader.split(bytes::Bytes::copy_from_slice(&big[..2]), &mut frames).is_ok(), "half a header says nothing yet");
+        assert!(reader.split(bytes::Bytes::copy_from_slice(&big[2..10]), &mut frames).is_err());
+        assert!(reader.partial.capacity() < 100, "nothing was reserved for it");
+        let mut fresh = FrameReader::new(100);
+        assert!(fresh.split(bytes::Bytes::from(big), &mut frames).is_err());
+        assert!(frames.is_empty());
+    }
+
+    #[test]
+    fn a_frame_that_arrives_whole_is_not_copied() {
+        let bytes = bytes::Bytes::from(stream(&[b"hello", b"world"]));
+        let mut frames = Vec::new();
+        FrameReader::new(100).split(bytes.clone(), &mut frames).unwrap();
+        assert_eq!(frames[0].as_ptr(), bytes[HEADER_LEN..].as_ptr());
+    }
+}

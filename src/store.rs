@@ -666,7 +666,10 @@ mod tests {
         assert!(s.set_state(&ours, State::Delivered).unwrap());
         assert!(!s.set_state(&theirs, State::Delivered).unwrap(), "an incoming message is not ours to ack");
         assert!(!s.set_state(&MessageRef { direction: Direction::Out, ..theirs.clone() }, State::Delivered).unwrap());
-        assert!(!s.set_state(&MessageRef { peer: name("carol"), ..ours.clone() }, State::Delivered).unwrap(), "carol cannot ack bob's message");
+        assert!(
+            !s.set_state(&MessageRef { peer: name("carol"), ..ours.clone() }, State::Delivered).unwrap(),
+            "carol cannot ack bob's message"
+        );
         assert_eq!(s.message(&ours).unwrap().unwrap().state, State::Delivered);
         assert_eq!(s.message(&theirs).unwrap().unwrap().state, State::Received);
         assert_eq!(s.incoming(&name("bob"), &[2; 16]).unwrap().unwrap().stored_at, 11);

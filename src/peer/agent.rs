@@ -11,21 +11,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::session::{Answer, Dial, PeerMessage, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE, MAX_NOISE_MESSAGE};
+use super::session::{
+    encode_chat, Answer, Dial, PeerMessage, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE, MAX_NOISE_MESSAGE,
+};
 use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
 use crate::presence::PresenceRecord;
-use crate::quic::{read_frame, write_frame};
+use crate::quic::{read_frame, write_frame, FrameReader, WRITE_TIMEOUT};
 use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, WatchEvent, LOOKUP_SKEW};
 use crate::rendezvous::proto::Refusal;
 use crate::store::{durable, Contact, Direction, Durability, MessageRef, State, Store, StoreError, StoredMessage};
 use crate::tls::{self, CertKey};
 use crate::username::Username;
+use crate::wire::encode_message;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +38,8 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PREAMBLE: usize = 128;
 /// Outgoing messages queued per session before senders wait.
 const SESSION_QUEUE: usize = 64;
+/// Queued messages are sealed into one write until it holds this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
 /// Incoming handshakes in progress at once; more are refused until some finish.
 const MAX_HANDSHAKES: usize = 64;
 
@@ -120,7 +126,8 @@ struct SessionHandle {
 }
 
 struct Outgoing {
-    message: PeerMessage,
+    /// The encoded message, sealed by the session.
+    plain: Vec<u8>,
     id: [u8; 16],
     /// Where the message is kept here, to mark it delivered.
     stored_at: u64,
@@ -283,7 +290,7 @@ impl Agent {
     }
 
     async fn deliver(&self, msg: &StoredMessage) -> Result<(), SendError> {
-        let chat = PeerMessage::Chat { id: msg.id, sent_at: msg.sent_at, body: msg.body.clone() };
+        let chat = encode_chat(&msg.id, msg.sent_at, &msg.body);
         let existing = lock(&self.inner.sessions).get(&msg.peer).cloned();
         if let Some(session) = existing {
             // A reused session may have died quietly; the same id makes a retry safe.
@@ -518,11 +525,11 @@ async fn watch_contacts(inner: Arc<Inner>) {
 }
 
 /// Queues one message on a session and waits for its ack, all within [`ACK_TIMEOUT`].
-async fn push(session: &SessionHandle, message: PeerMessage, msg: &StoredMessage) -> Result<(), String> {
+async fn push(session: &SessionHandle, plain: Vec<u8>, msg: &StoredMessage) -> Result<(), String> {
     let (id, stored_at) = (msg.id, msg.stored_at);
     let (acked, ack) = oneshot::channel();
     let attempt = async {
-        session.outgoing.send(Outgoing { message, id, stored_at, acked }).await.map_err(|_| "session closed".to_string())?;
+        session.outgoing.send(Outgoing { plain, id, stored_at, acked }).await.map_err(|_| "session closed".to_string())?;
         ack.await.map_err(|_| "session closed before the acknowledgement".to_string())
     };
     tokio::time::timeout(ACK_TIMEOUT, attempt).await.map_err(|_| "no acknowledgement in time".to_string())?
@@ -714,10 +721,13 @@ async fn run_session(
     mut queue: mpsc::Receiver<Outgoing>,
 ) {
     // Frames are read by their own task: reading is not cancel-safe inside select!.
-    let (frames_tx, mut frames) = mpsc::channel::<Vec<u8>>(16);
+    // It hands on every frame that one piece of the stream completed, together.
+    let (frames_tx, mut incoming) = mpsc::channel::<Vec<Bytes>>(16);
     let reader = tokio::spawn(async move {
-        while let Ok(Some(frame)) = read_frame(&mut recv, MAX_NOISE_MESSAGE).await {
-            if frames_tx.send(frame).await.is_err() {
+        let mut frames = FrameReader::new(MAX_NOISE_MESSAGE);
+        loop {
+            let mut batch = Vec::new();
+            if !matches!(frames.read(&mut recv, &mut batch).await, Ok(true)) || frames_tx.send(batch).await.is_err() {
                 break;
             }
         }
@@ -727,43 +737,55 @@ async fn run_session(
     let mut owed: VecDeque<(u64, [u8; 16])> = VecDeque::new();
     let mut progress = inner.store.durability();
     let mut prune_at = SESSION_QUEUE;
+    // Reused buffers: decrypted plaintext, and the frames of one write.
+    let (mut plain, mut out) = (Vec::new(), Vec::new());
     let reason = loop {
         tokio::select! {
-            frame = frames.recv() => {
-                let Some(frame) = frame else { break "stream ended".to_string() };
-                let message = match transport.open(&frame) {
-                    Ok(m) => m,
-                    Err(e) => break e.to_string(),
-                };
-                match handle_message(&inner, &peer, message, &mut waiting) {
-                    Ok(Some(owed_ack)) => {
-                        owed.push_back(owed_ack);
-                        let done = *progress.borrow_and_update();
-                        if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send).await { break e }
+            batch = incoming.recv() => {
+                let Some(batch) = batch else { break "stream ended".to_string() };
+                let mut failed = None;
+                for frame in batch {
+                    let message = match transport.open_with(&frame, &mut plain) {
+                        Ok(m) => m,
+                        Err(e) => { failed = Some(e.to_string()); break }
+                    };
+                    match handle_message(&inner, &peer, message, &mut waiting) {
+                        Ok(Some(owed_ack)) => owed.push_back(owed_ack),
+                        Ok(None) => {}
+                        Err(e) => { failed = Some(e); break }
                     }
-                    Ok(None) => {}
-                    Err(e) => break e,
                 }
+                if let Some(e) = failed { break e }
+                let done = *progress.borrow_and_update();
+                if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send, &mut out).await { break e }
             }
             changed = progress.changed(), if !owed.is_empty() => {
                 if changed.is_err() { break "history database closed".to_string() }
                 let done = *progress.borrow_and_update();
-                if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send).await { break e }
+                if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send, &mut out).await { break e }
             }
-            out = queue.recv() => {
-                let Some(out) = out else { break "closed".to_string() };
-                match transport.seal(&out.message) {
-                    Ok(bytes) => {
-                        if let Err(e) = write_frame(&mut send, &bytes).await { break e }
-                        // Senders that gave up leave closed channels behind: drop them.
-                        if waiting.len() >= prune_at {
-                            waiting.retain(|_, w| !w.acked.is_closed());
-                            prune_at = (waiting.len() * 2).max(SESSION_QUEUE);
-                        }
-                        waiting.insert(out.id, Waiting { stored_at: out.stored_at, acked: out.acked });
+            first = queue.recv() => {
+                let Some(first) = first else { break "closed".to_string() };
+                // Everything queued meanwhile goes out in the same write.
+                let mut next = Some(first);
+                let mut sealed = Ok(());
+                while let Some(o) = next.take() {
+                    sealed = transport.seal_frame(&o.plain, &mut out);
+                    if sealed.is_err() {
+                        break;
                     }
-                    Err(e) => break e.to_string(),
+                    // Senders that gave up leave closed channels behind: drop them.
+                    if waiting.len() >= prune_at {
+                        waiting.retain(|_, w| !w.acked.is_closed());
+                        prune_at = (waiting.len() * 2).max(SESSION_QUEUE);
+                    }
+                    waiting.insert(o.id, Waiting { stored_at: o.stored_at, acked: o.acked });
+                    if out.len() < WRITE_BATCH {
+                        next = queue.try_recv().ok();
+                    }
                 }
+                if let Err(e) = sealed { break e.to_string() }
+                if let Err(e) = write_all(&mut send, &mut out).await { break e }
             }
         }
     };
@@ -779,13 +801,14 @@ async fn run_session(
     let _ = inner.events.send(AgentEvent::SessionClosed { peer });
 }
 
-/// Sends the acks whose messages are on disk, in order; an ack whose flush failed is
-/// never sent, and ends the session (the sender will retry).
+/// Sends the acks whose messages are on disk, in order, in one write; an ack whose
+/// flush failed is never sent, and ends the session (the sender will retry).
 async fn send_acks(
     owed: &mut VecDeque<(u64, [u8; 16])>,
     done: Durability,
     transport: &mut Transport,
     send: &mut quinn::SendStream,
+    out: &mut Vec<u8>,
 ) -> Result<(), String> {
     while let Some(&(point, id)) = owed.front() {
         match done.covers(point) {
@@ -793,12 +816,26 @@ async fn send_acks(
             Some(Err(e)) => return Err(e.to_string()),
             Some(Ok(())) => {
                 owed.pop_front();
-                let bytes = transport.seal(&PeerMessage::Ack { id }).map_err(|e| e.to_string())?;
-                write_frame(send, &bytes).await?;
+                transport.seal_frame(&encode_message(&PeerMessage::Ack { id }), out).map_err(|e| e.to_string())?;
             }
         }
     }
-    Ok(())
+    write_all(send, out).await
+}
+
+/// Writes and empties `out` (nothing to do when it is empty), giving up if the other
+/// side does not take it within [`WRITE_TIMEOUT`].
+async fn write_all(send: &mut quinn::SendStream, out: &mut Vec<u8>) -> Result<(), String> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let written = tokio::time::timeout(WRITE_TIMEOUT, send.write_all(out)).await;
+    out.clear();
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the other side stopped reading".into()),
+    }
 }
 
 /// Applies one decrypted message; for a stored message, returns the commit point to
