@@ -147,6 +147,10 @@ struct Inner {
     endpoint: quinn::Endpoint,
     node: tokio::sync::Mutex<Option<Arc<RendezvousClient>>>,
     sessions: Mutex<HashMap<Username, SessionHandle>>,
+    /// One dial per peer at a time: senders that find no session queue here and use
+    /// the one the first of them opened, instead of racing it with dials of their own
+    /// (each new session replaces, and so closes, the one before).
+    dialing: Mutex<HashMap<Username, Arc<tokio::sync::Mutex<()>>>>,
     events: broadcast::Sender<AgentEvent>,
     next_session: AtomicU64,
     last_timestamp: AtomicU64,
@@ -182,6 +186,7 @@ impl Agent {
             endpoint,
             node: tokio::sync::Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
             events,
             next_session: AtomicU64::new(1),
             last_timestamp: AtomicU64::new(0),
@@ -291,13 +296,23 @@ impl Agent {
 
     async fn deliver(&self, msg: &StoredMessage) -> Result<(), SendError> {
         let chat = encode_chat(&msg.id, msg.sent_at, &msg.body);
-        let existing = lock(&self.inner.sessions).get(&msg.peer).cloned();
-        if let Some(session) = existing {
+        let session_now = || lock(&self.inner.sessions).get(&msg.peer).cloned();
+        let mut failed = None;
+        if let Some(session) = session_now() {
             // A reused session may have died quietly; the same id makes a retry safe.
             if push(&session, chat.clone(), msg).await.is_ok() {
                 return Ok(());
             }
             debug!(peer = %msg.peer, "session failed; dialing again");
+            failed = Some(session.id);
+        }
+        let gate = lock(&self.inner.dialing).entry(msg.peer.clone()).or_default().clone();
+        let _turn = gate.lock().await;
+        // Another sender (or the peer) may have opened a session while we waited.
+        if let Some(session) = session_now().filter(|s| Some(s.id) != failed) {
+            if push(&session, chat.clone(), msg).await.is_ok() {
+                return Ok(());
+            }
         }
         let verified = self.resolve(&msg.peer).await?;
         let record = verified.presence.ok_or_else(|| SendError::Offline(msg.peer.clone()))?;
