@@ -17,15 +17,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use report::{merge, selected, spread, Better, Figure, Samples, Scale};
+use report::{cpu_time, merge, selected, spread, Better, Figure, Samples, Scale};
 use serde_json::json;
 use sotto::address::ServerAddress;
 use sotto::clock::{unix_now_ms, unix_now_ns};
 use sotto::keys::Identity;
 use sotto::online::{self, Presence};
 use sotto::peer::agent::{Agent, AgentConfig};
-use sotto::peer::session::{Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
-use sotto::quic::{read_frame, write_frame};
+use sotto::peer::session::{encode_chat, Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
+use sotto::quic::{read_frame, write_frame, FrameReader};
 use sotto::rendezvous::client::RendezvousClient;
 use sotto::store::{Direction, SledStore, State, Store, StoredMessage};
 use sotto::tls::{self, CertKey};
@@ -239,11 +239,11 @@ async fn sustained(w: &World, scale: Scale) {
     let body = "y".repeat(100);
     let (mut rates, mut raw_rates) = (Samples::new(), Samples::new());
     let flushes_before = w.bob.store().durability().borrow().flushes;
-    let mut total = 0u64;
+    let (mut total, mut cpu, mut raw_cpu, mut raw_total) = (0u64, Duration::ZERO, Duration::ZERO, 0f64);
     for _ in 0..reps {
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_time());
         let tasks: Vec<_> = (0..senders)
             .map(|_| {
                 let (alice, bob, body, done, stop) = (w.alice.clone(), bob.clone(), body.clone(), done.clone(), stop.clone());
@@ -263,13 +263,27 @@ async fn sustained(w: &World, scale: Scale) {
             t.await.unwrap();
         }
         total += done.load(Ordering::Relaxed);
+        cpu += cpu_time() - cpu_start;
         rates.push(counted as f64 / elapsed);
-        raw_rates.push(tokio::task::spawn_blocking(move || raw_sled_inserts(secs)).await.unwrap());
+        let raw_cpu_start = cpu_time();
+        let raw_rate = tokio::task::spawn_blocking(move || raw_sled_inserts(secs)).await.unwrap();
+        raw_cpu += cpu_time() - raw_cpu_start;
+        raw_total += raw_rate * secs;
+        raw_rates.push(raw_rate);
     }
     let flushes = w.bob.store().durability().borrow().flushes - flushes_before;
     let extra = merge(
         spread(&rates),
-        json!({ "senders": senders, "messages": total, "receiver_flushes": flushes, "messages_per_flush": total as f64 / flushes.max(1) as f64 }),
+        json!({
+            "senders": senders,
+            "messages": total,
+            "receiver_flushes": flushes,
+            "messages_per_flush": total as f64 / flushes.max(1) as f64,
+            // CPU time per message (both agents, both stores, every thread) and per raw
+            // insert: what each costs whatever else shares the machine.
+            "cpu_us_per_message": cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
+            "baseline_cpu_us_per_insert": raw_cpu.as_secs_f64() * 1e6 / raw_total.max(1.0),
+        }),
     );
     Figure {
         name: "sustained_small_messages",
@@ -328,9 +342,12 @@ async fn bulk(scale: Scale) {
             async move {
                 let Some(mut transport) = transport else { return };
                 let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-                while let Ok(Some(frame)) = read_frame(&mut recv, MAX_NOISE_MESSAGE).await {
-                    let PeerMessage::Chat { body, .. } = transport.open(&frame).unwrap() else { panic!("not a chat message") };
-                    assert_eq!(body.len(), MAX_BODY);
+                let (mut reader, mut frames, mut plain) = (FrameReader::new(MAX_NOISE_MESSAGE), Vec::new(), Vec::new());
+                while let Ok(true) = reader.read(&mut recv, &mut frames).await {
+                    for frame in frames.drain(..) {
+                        let PeerMessage::Chat { body, .. } = transport.open_with(&frame, &mut plain).unwrap() else { panic!("not a chat") };
+                        assert_eq!(body.len(), MAX_BODY);
+                    }
                 }
                 let _ = send.finish();
             }
@@ -340,11 +357,15 @@ async fn bulk(scale: Scale) {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let body = "z".repeat(MAX_BODY);
         let start = Instant::now();
+        let mut out = Vec::new();
         for i in 0..frames {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            let frame = sender.seal(&PeerMessage::Chat { id, sent_at: unix_now_ms(), body: body.clone() }).unwrap();
-            write_frame(&mut send, &frame).await.unwrap();
+            // As a session sends a chat message: encoded from the stored body, sealed
+            // into the write buffer.
+            sender.seal_frame(&encode_chat(&id, unix_now_ms(), &body), &mut out).unwrap();
+            send.write_all(&out).await.unwrap();
+            out.clear();
         }
         send.finish().unwrap();
         // The receiver has read everything once the stream is acknowledged as finished.
@@ -531,7 +552,7 @@ fn history(scale: Scale) {
     }
     {
         let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree("history").unwrap();
+        let tree = db.open_tree("chat").unwrap();
         let mut prefix = b"mpeer7".to_vec();
         prefix.push(0);
         for _ in 0..lookups / 10 {

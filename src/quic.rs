@@ -30,3 +30,163 @@ pub async fn write_frame(send: &mut quinn::SendStream, payload: &[u8]) -> Result
         Err(_) => Err("the other side stopped reading".into()),
     }
 }
+
+/// Cuts a stream into length-prefixed frames of at most `cap` bytes. A frame that
+/// arrives in one piece is handed on without a copy; one that spans pieces is gathered
+/// into a buffer sized from its checked length, never more.
+pub struct FrameReader {
+    cap: usize,
+    partial: bytes::BytesMut,
+    /// Time the rest of a frame has once its first byte has arrived.
+    frame_timeout: Option<Duration>,
+    /// When the frame now being gathered must be complete.
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl FrameReader {
+    pub fn new(cap: usize) -> Self {
+        Self { cap, partial: bytes::BytesMut::new(), frame_timeout: None, deadline: None }
+    }
+
+    /// Once a frame has begun, the rest must arrive within `limit`: a peer that starts
+    /// a frame and then trickles it is cut off. Waiting for the next frame to begin is
+    /// not limited (an idle stream lives as long as its connection).
+    pub fn with_frame_timeout(mut self, limit: Duration) -> Self {
+        self.frame_timeout = Some(limit);
+        self
+    }
+
+    /// Waits for data and appends every frame it completes to `frames` (at least one);
+    /// `false` at a clean end of the stream between frames.
+    pub async fn read(&mut self, recv: &mut quinn::RecvStream, frames: &mut Vec<bytes::Bytes>) -> Result<bool, String> {
+        let before = frames.len();
+        while frames.len() == before {
+            let next = recv.read_chunk(usize::MAX, true);
+            let chunk = match self.deadline {
+                Some(deadline) => {
+                    tokio::time::timeout_at(deadline, next).await.map_err(|_| "a frame did not arrive in time".to_string())?
+                }
+                None => next.await,
+            };
+            match chunk.map_err(|e| e.to_string())? {
+                Some(chunk) => self.split(chunk.bytes, frames)?,
+                None if self.partial.is_empty() => return Ok(false),
+                None => return Err("the stream ended inside a frame".into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Adds the next piece of the stream; complete frames go to `frames`.
+    pub fn split(&mut self, mut piece: bytes::Bytes, frames: &mut Vec<bytes::Bytes>) -> Result<(), String> {
+        use bytes::Buf;
+        let before = frames.len();
+        while !piece.is_empty() {
+            if self.partial.is_empty() && piece.len() >= HEADER_LEN {
+                let len = self.len_of(&piece)?;
+                if piece.len() >= HEADER_LEN + len {
+                    frames.push(piece.slice(HEADER_LEN..HEADER_LEN + len));
+                    piece.advance(HEADER_LEN + len);
+                    continue;
+                }
+            }
+            // Gather the header, then exactly the body it announces.
+            if self.partial.len() < HEADER_LEN {
+                let take = (HEADER_LEN - self.partial.len()).min(piece.len());
+                self.partial.extend_from_slice(&piece[..take]);
+                piece.advance(take);
+                if self.partial.len() < HEADER_LEN {
+                    continue;
+                }
+                let len = self.len_of(&self.partial)?;
+                self.partial.reserve(len);
+            }
+            let whole = HEADER_LEN + self.len_of(&self.partial)?;
+            let take = (whole - self.partial.len()).min(piece.len());
+            self.partial.extend_from_slice(&piece[..take]);
+            piece.advance(take);
+            if self.partial.len() == whole {
+                frames.push(self.partial.split().freeze().slice(HEADER_LEN..));
+            }
+        }
+        // A frame left part-way has its clock running: started now if it began in this
+        // piece, or still the one it started with.
+        self.deadline = match self.frame_timeout {
+            Some(limit) if !self.partial.is_empty() => match self.deadline {
+                Some(running) if frames.len() == before => Some(running),
+                _ => Some(tokio::time::Instant::now() + limit),
+            },
+            _ => None,
+        };
+        Ok(())
+    }
+
+    fn len_of(&self, bytes: &[u8]) -> Result<usize, String> {
+        frame_len(bytes[..HEADER_LEN].try_into().expect("a whole header"), self.cap).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(bodies: &[&[u8]]) -> Vec<u8> {
+        bodies.iter().flat_map(|b| encode_frame(b)).collect()
+    }
+
+    #[test]
+    fn frames_come_out_whole_however_the_stream_is_cut() {
+        let bodies: Vec<&[u8]> = vec![b"one", b"", b"three", &[7u8; 3000], b"x"];
+        let bytes = stream(&bodies);
+        for cut in [1, 2, 3, 4, 5, 7, 64, 1200, bytes.len()] {
+            let mut reader = FrameReader::new(4096);
+            let mut frames = Vec::new();
+            for piece in bytes.chunks(cut) {
+                reader.split(bytes::Bytes::copy_from_slice(piece), &mut frames).unwrap();
+            }
+            assert_eq!(frames.iter().map(|f| f.as_ref()).collect::<Vec<_>>(), bodies, "pieces of {cut}");
+            assert!(reader.partial.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_frame_over_the_cap_is_refused_before_it_is_gathered() {
+        let mut reader = FrameReader::new(100);
+        let mut frames = Vec::new();
+        let big = encode_frame(&[0u8; 101]);
+        assert!(reader.split(bytes::Bytes::copy_from_slice(&big[..2]), &mut frames).is_ok(), "half a header says nothing yet");
+        assert!(reader.split(bytes::Bytes::copy_from_slice(&big[2..10]), &mut frames).is_err());
+        assert!(reader.partial.capacity() < 100, "nothing was reserved for it");
+        let mut fresh = FrameReader::new(100);
+        assert!(fresh.split(bytes::Bytes::from(big), &mut frames).is_err());
+        assert!(frames.is_empty());
+    }
+
+    #[test]
+    fn a_frame_begun_has_its_clock_running_until_it_is_whole() {
+        let mut reader = FrameReader::new(100).with_frame_timeout(Duration::from_secs(10));
+        let mut frames = Vec::new();
+        let bytes = stream(&[b"first", b"second"]);
+        let (one, two) = (HEADER_LEN + 5, HEADER_LEN + 6);
+        reader.split(bytes::Bytes::copy_from_slice(&bytes[..2]), &mut frames).unwrap();
+        let started = reader.deadline.expect("half a header starts the clock");
+        reader.split(bytes::Bytes::copy_from_slice(&bytes[2..one - 1]), &mut frames).unwrap();
+        assert_eq!(reader.deadline, Some(started), "more of the same frame keeps its deadline");
+        reader.split(bytes::Bytes::copy_from_slice(&bytes[one - 1..one + 3]), &mut frames).unwrap();
+        assert!(reader.deadline.is_some_and(|d| d >= started), "the next frame has begun: its own clock");
+        reader.split(bytes::Bytes::copy_from_slice(&bytes[one + 3..one + two]), &mut frames).unwrap();
+        assert_eq!(reader.deadline, None, "between frames there is no clock");
+        assert_eq!(frames.len(), 2);
+        let mut plain = FrameReader::new(100);
+        plain.split(bytes::Bytes::copy_from_slice(&bytes[..2]), &mut frames).unwrap();
+        assert_eq!(plain.deadline, None, "no limit unless asked for");
+    }
+
+    #[test]
+    fn a_frame_that_arrives_whole_is_not_copied() {
+        let bytes = bytes::Bytes::from(stream(&[b"hello", b"world"]));
+        let mut frames = Vec::new();
+        FrameReader::new(100).split(bytes.clone(), &mut frames).unwrap();
+        assert_eq!(frames[0].as_ptr(), bytes[HEADER_LEN..].as_ptr());
+    }
+}

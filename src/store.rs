@@ -1,25 +1,30 @@
 //! A profile's local database: message history, contacts and the handshake replay
 //! guard, behind the [`Store`] trait; [`SledStore`] is the engine used today.
 //!
-//! sled trees (schema 2):
+//! sled trees (schema 3):
 //!
 //! ```text
-//! meta       "schema" → 2
-//! history    "m" ‖ peer ‖ 0x00 ‖ stored_at_ms (u64 BE) ‖ id  → postcard(StoredMessage)
-//!            "i" ‖ peer ‖ 0x00 ‖ direction ‖ id              → its "m" key
-//!            "t" ‖ stored_at_ms (u64 BE) ‖ id ‖ direction    → its "m" key
-//! contacts   username                                         → postcard(Contact)
+//! meta       "schema" → 3
+//! chat       "m" ‖ peer ‖ 0x00 ‖ stored_at_ms (u64 BE) ‖ id ‖ direction  → postcard(StoredMessage)
+//!            "i" ‖ peer ‖ 0x00 ‖ id                                    → stored_at_ms (u64 BE)
+//! contacts   username                                                  → postcard(Contact)
 //! ```
 //!
-//! "Last N with bob" is one reverse prefix scan of `m`; "last N overall" is one reverse
-//! scan of `t`. `i` makes delivery idempotent. A message is written as three plain
-//! inserts, `i`, `t`, then `m`, under the store's own lock: sled's batches and
-//! transactions take a process-wide lock that waits for every flush in progress, which
-//! made each write cost a whole flush. sled recovers a prefix of its log after a crash,
-//! so a cut-short message has its `i` entry but no `m`; the sender never got an ack for
-//! it (acks wait for the flush), sends it again, and the retry completes it under the
-//! key chosen the first time, so it is stored exactly once. (Schema 1 kept the three in
-//! three trees, written by a cross-tree transaction; it is migrated on open.)
+//! "Last N with bob" is one reverse prefix scan of `m`; "last N overall" merges the
+//! reverse scans of every peer's prefix. `i` indexes *incoming* messages only: it makes
+//! a resent message land once. An outgoing message needs no index: the session that
+//! carries it keeps its [`MessageRef`], which finds it directly when the ack arrives.
+//! So a received message is two writes, a sent one is two (stored, then marked
+//! delivered), and each write is a plain insert: sled's batches and transactions take a
+//! process-wide lock that waits for every flush in progress, which made each write cost
+//! a whole flush.
+//!
+//! An incoming message is written `i` first, then `m`, under the store's own lock. sled
+//! recovers a prefix of its log after a crash, so a cut-short message has its `i` entry
+//! but no `m`; the sender never got an ack for it (acks wait for the flush), sends it
+//! again, and the retry completes it under the time chosen the first time, so it is
+//! stored exactly once. Schemas 1 and 2 (which also kept a time index and indexed
+//! outgoing ids) are migrated on open.
 //!
 //! Durability is a group commit. A write returns once it is applied; one flusher
 //! thread per store writes everything applied so far to disk, over and over, while
@@ -38,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::keys::{IdentityKey, NoiseBinding};
 use crate::username::Username;
 
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -53,7 +58,7 @@ pub enum StoreError {
     NotDurable,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Direction {
     In,
     Out,
@@ -95,6 +100,21 @@ pub struct StoredMessage {
     pub state: State,
 }
 
+/// Where a message is kept: enough to find it again without an index.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MessageRef {
+    pub peer: Username,
+    pub direction: Direction,
+    pub stored_at: u64,
+    pub id: [u8; 16],
+}
+
+impl StoredMessage {
+    pub fn at(&self) -> MessageRef {
+        MessageRef { peer: self.peer.clone(), direction: self.direction, stored_at: self.stored_at, id: self.id }
+    }
+}
+
 /// A pinned contact.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contact {
@@ -115,12 +135,16 @@ pub struct Contact {
 /// What sotto needs from a history engine. Writes are applied when they return and
 /// durable once a commit point taken after them is (see the module docs).
 pub trait Store: Send + Sync {
-    /// Adds a message unless one with the same (peer, direction, id) exists; `true` if
-    /// added.
+    /// Adds a message; `true` if added. An incoming message is added unless one with the
+    /// same (peer, id) exists, whatever its time: a resend is stored once. An outgoing
+    /// one is added unless that very message (same [`MessageRef`]) exists.
     fn insert(&self, msg: &StoredMessage) -> Result<bool, StoreError>;
-    /// Sets the state of an outgoing message; `false` if there is none with that id.
-    fn set_state(&self, peer: &Username, id: &[u8; 16], state: State) -> Result<bool, StoreError>;
-    fn message(&self, peer: &Username, direction: Direction, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError>;
+    /// Sets the state of an outgoing message; `false` if there is no outgoing message
+    /// at `at`.
+    fn set_state(&self, at: &MessageRef, state: State) -> Result<bool, StoreError>;
+    fn message(&self, at: &MessageRef) -> Result<Option<StoredMessage>, StoreError>;
+    /// The incoming message from `peer` with this id, wherever it was filed.
+    fn incoming(&self, peer: &Username, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError>;
     /// The newest `limit` messages, with `peer` or with anyone, oldest first.
     fn last(&self, peer: Option<&Username>, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
     fn contact(&self, user: &Username) -> Result<Option<Contact>, StoreError>;
@@ -130,7 +154,8 @@ pub trait Store: Send + Sync {
     fn update_contact(&self, user: &Username, f: &mut dyn FnMut(Option<Contact>) -> Option<Contact>)
         -> Result<Option<Contact>, StoreError>;
     fn contacts(&self) -> Result<Vec<Contact>, StoreError>;
-    /// A commit point covering every write applied so far.
+    /// A commit point covering every write applied so far; the flusher starts on it at
+    /// once. (Writes nobody takes a point for may wait a little to share a flush.)
     fn written(&self) -> u64;
     /// Blocks until every write up to `point` is on disk.
     fn wait_durable(&self, point: u64) -> Result<(), StoreError>;
@@ -174,6 +199,9 @@ impl Durability {
     }
 }
 
+/// The longest a write nobody waits for stays off disk.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The group-commit flusher shared by a store and its thread.
 struct Commits {
     state: Mutex<CommitState>,
@@ -187,6 +215,9 @@ struct Commits {
 #[derive(Default)]
 struct CommitState {
     written: u64,
+    /// Highest point that should be on disk as soon as possible; writes past it may
+    /// wait up to [`LINGER`] for a flush.
+    urgent: u64,
     /// Highest point a flush was attempted for.
     attempted: u64,
     durability: Durability,
@@ -200,24 +231,40 @@ impl Commits {
 
     /// Counts one applied write and wakes the flusher.
     fn wrote(&self) {
-        self.state().written += 1;
+        let mut state = self.state();
+        state.written += 1;
+        state.urgent = state.written;
+        drop(state);
         self.work.notify_one();
     }
 
-    /// The flusher thread: flushes while there are writes no flush has covered, then
-    /// sleeps until there are more. Flushes what is left before the store closes.
+    /// Counts one applied write that nobody waits for (an outgoing message's new
+    /// state): it goes to disk with the next flush, or after [`LINGER`] at the latest,
+    /// instead of costing a flush of its own.
+    fn wrote_lazily(&self) {
+        self.state().written += 1;
+    }
+
+    /// The flusher thread: flushes while there are urgent writes no flush has covered,
+    /// then sleeps until there are more; lazy writes wait up to [`LINGER`]. Flushes
+    /// what is left before the store closes.
     fn run(&self, db: &sled::Db) {
         loop {
             let target = {
                 let mut state = self.state();
                 loop {
-                    if state.written > state.attempted {
+                    if state.urgent > state.attempted || (state.closing && state.written > state.attempted) {
                         break;
                     }
                     if state.closing {
                         return;
                     }
-                    state = self.work.wait(state).unwrap_or_else(|p| p.into_inner());
+                    let lingering = state.written > state.attempted;
+                    let (next, timeout) = self.work.wait_timeout(state, LINGER).unwrap_or_else(|p| p.into_inner());
+                    state = next;
+                    if lingering && timeout.timed_out() {
+                        break;
+                    }
                 }
                 state.attempted = state.written;
                 state.written
@@ -244,75 +291,69 @@ impl Commits {
 }
 
 pub struct SledStore {
-    history: sled::Tree,
+    chat: sled::Tree,
     contacts: sled::Tree,
-    /// Serialises history writes, so a check and the batch that follows are atomic.
+    /// Serialises message writes, so a check and the writes that follow are atomic.
     write: Mutex<()>,
     commits: Arc<Commits>,
     flusher: Option<JoinHandle<()>>,
 }
 
 const MESSAGE: u8 = b'm';
-const ID: u8 = b'i';
-const TIME: u8 = b't';
+const INCOMING: u8 = b'i';
 
 fn peer_prefix(peer: &Username) -> Vec<u8> {
-    let mut k = Vec::with_capacity(34);
+    let mut k = Vec::with_capacity(59);
     k.push(MESSAGE);
     k.extend_from_slice(peer.as_str().as_bytes());
     k.push(0);
     k
 }
 
-fn message_key(msg: &StoredMessage) -> Vec<u8> {
-    let mut k = peer_prefix(&msg.peer);
-    k.extend_from_slice(&msg.stored_at.to_be_bytes());
-    k.extend_from_slice(&msg.id);
+fn message_key(at: &MessageRef) -> Vec<u8> {
+    let mut k = peer_prefix(&at.peer);
+    k.extend_from_slice(&at.stored_at.to_be_bytes());
+    k.extend_from_slice(&at.id);
+    k.push(at.direction as u8);
     k
 }
 
-fn id_key(peer: &Username, direction: Direction, id: &[u8; 16]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(52);
-    k.push(ID);
+fn incoming_key(peer: &Username, id: &[u8; 16]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(50);
+    k.push(INCOMING);
     k.extend_from_slice(peer.as_str().as_bytes());
     k.push(0);
-    k.push(direction as u8);
     k.extend_from_slice(id);
     k
 }
 
-fn time_key(msg: &StoredMessage) -> Vec<u8> {
-    let mut k = Vec::with_capacity(26);
-    k.push(TIME);
-    k.extend_from_slice(&msg.stored_at.to_be_bytes());
-    k.extend_from_slice(&msg.id);
-    k.push(msg.direction as u8);
-    k
-}
-
-/// The batch that adds `msg` with both index entries.
-fn insert_batch(batch: &mut sled::Batch, msg: &StoredMessage) {
-    let key = message_key(msg);
-    batch.insert(id_key(&msg.peer, msg.direction, &msg.id), key.as_slice());
-    batch.insert(time_key(msg), key.as_slice());
-    batch.insert(key, encode(msg));
-}
-
-/// Moves a schema-1 database's messages into the schema-2 tree. Safe to run again
-/// after a crash part way: it rewrites the same keys, and the old trees go only after
-/// the new schema number is on disk.
-fn migrate_from_1(db: &sled::Db, history: &sled::Tree, meta: &sled::Tree) -> Result<(), StoreError> {
-    let old = db.open_tree("messages")?;
-    let mut batch = sled::Batch::default();
-    for item in old.iter() {
-        let msg: StoredMessage = decode(&item?.1, "message")?;
-        insert_batch(&mut batch, &msg);
+/// Adds `msg` (with its index entry, if incoming) to a migration batch.
+fn migrate_one(batch: &mut sled::Batch, msg: &StoredMessage) {
+    if msg.direction == Direction::In {
+        batch.insert(incoming_key(&msg.peer, &msg.id), &msg.stored_at.to_be_bytes());
     }
-    history.apply_batch(batch)?;
+    batch.insert(message_key(&msg.at()), encode(msg));
+}
+
+/// Moves an older database's messages into the schema-3 tree. Safe to run again after
+/// a crash part way: it rewrites the same keys, and the old trees go only after the new
+/// schema number is on disk.
+fn migrate(db: &sled::Db, chat: &sled::Tree, meta: &sled::Tree, from: u64) -> Result<(), StoreError> {
+    let (source, prefix, old_trees): (&str, &[u8], &[&str]) = match from {
+        1 => ("messages", b"", &["messages", "ids", "by_time"]),
+        _ => ("history", &[MESSAGE], &["history"]),
+    };
+    let old = db.open_tree(source)?;
+    let mut batch = sled::Batch::default();
+    for item in old.scan_prefix(prefix) {
+        let msg: StoredMessage = decode(&item?.1, "message")?;
+        migrate_one(&mut batch, &msg);
+    }
+    chat.apply_batch(batch)?;
     db.flush()?;
     meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
     db.flush()?;
-    for tree in ["messages", "ids", "by_time"] {
+    for tree in old_trees {
         db.drop_tree(tree)?;
     }
     db.flush()?;
@@ -331,7 +372,7 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
         let meta = db.open_tree("meta")?;
-        let history = db.open_tree("history")?;
+        let chat = db.open_tree("chat")?;
         match meta.get("schema")? {
             None => {
                 meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
@@ -340,7 +381,7 @@ impl SledStore {
                 let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("schema"))?;
                 match u64::from_be_bytes(v) {
                     SCHEMA_VERSION => {}
-                    1 => migrate_from_1(&db, &history, &meta)?,
+                    v @ (1 | 2) => migrate(&db, &chat, &meta, v)?,
                     v => return Err(StoreError::Schema(v)),
                 }
             }
@@ -358,8 +399,68 @@ impl SledStore {
                 .spawn(move || commits.run(&db))
                 .map_err(|e| StoreError::Db(sled::Error::Io(e)))?
         };
-        Ok(Self { history, contacts: db.open_tree("contacts")?, write: Mutex::new(()), commits, flusher: Some(flusher) })
+        Ok(Self { chat, contacts: db.open_tree("contacts")?, write: Mutex::new(()), commits, flusher: Some(flusher) })
     }
+
+    fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key prefix of every peer with messages, in key order.
+    fn peer_prefixes(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut prefixes = Vec::new();
+        let mut from = vec![MESSAGE];
+        while let Some(item) = self.chat.range(from.as_slice()..).next() {
+            let (key, _) = item?;
+            if key.first() != Some(&MESSAGE) {
+                break;
+            }
+            let end = key.iter().position(|&b| b == 0).ok_or(StoreError::Corrupt("message key"))?;
+            let prefix = key[..=end].to_vec();
+            // The first key past this peer's: usernames never contain 0 or 1.
+            from = [&key[..end], &[1u8][..]].concat();
+            prefixes.push(prefix);
+        }
+        Ok(prefixes)
+    }
+
+    /// The newest `limit` messages with anyone, newest first: a merge of every peer's
+    /// reverse scan.
+    fn newest_overall(&self, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut scans: Vec<_> = self.peer_prefixes()?.into_iter().map(|p| self.chat.scan_prefix(p).rev()).collect();
+        let mut heads = std::collections::BinaryHeap::with_capacity(scans.len());
+        for (i, scan) in scans.iter_mut().enumerate() {
+            heads.extend(next_head(scan, i)?);
+        }
+        let mut out = Vec::with_capacity(limit.min(1024));
+        while out.len() < limit {
+            let Some(Head { scan, value, .. }) = heads.pop() else { break };
+            out.push(decode(&value, "message")?);
+            heads.extend(next_head(&mut scans[scan], scan)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The next message of one peer's reverse scan, ordered for the merge by time, id,
+/// direction and then peer, so the order is total.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Head {
+    order: Vec<u8>,
+    peer: Vec<u8>,
+    scan: usize,
+    value: sled::IVec,
+}
+
+fn next_head(scan: &mut std::iter::Rev<sled::Iter>, index: usize) -> Result<Option<Head>, StoreError> {
+    let Some(item) = scan.next() else { return Ok(None) };
+    let (key, value) = item?;
+    let split = key.iter().position(|&b| b == 0).ok_or(StoreError::Corrupt("message key"))?;
+    let (peer, rest) = key.split_at(split);
+    if rest.len() != 1 + 8 + 16 + 1 {
+        return Err(StoreError::Corrupt("message key"));
+    }
+    Ok(Some(Head { order: rest[1..].to_vec(), peer: peer.to_vec(), scan: index, value }))
 }
 
 impl Drop for SledStore {
@@ -376,71 +477,75 @@ impl Drop for SledStore {
 
 impl Store for SledStore {
     fn insert(&self, msg: &StoredMessage) -> Result<bool, StoreError> {
-        let idk = id_key(&msg.peer, msg.direction, &msg.id);
-        let _write = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let (key, msg) = match self.history.get(&idk)? {
-            Some(key) if self.history.contains_key(&key)? => return Ok(false),
-            // A crash came between the index entry and the message: finish the write
-            // under the key chosen then, so the message is stored exactly once.
-            Some(key) => {
-                let at: [u8; 8] = key
-                    .len()
-                    .checked_sub(24)
-                    .and_then(|at| key.get(at..at + 8))
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or(StoreError::Corrupt("id index"))?;
-                (key.to_vec(), StoredMessage { stored_at: u64::from_be_bytes(at), ..msg.clone() })
+        if msg.direction == Direction::Out {
+            let added = self.chat.compare_and_swap(message_key(&msg.at()), None::<&[u8]>, Some(encode(msg)))?.is_ok();
+            if added {
+                self.commits.wrote();
             }
-            None => (message_key(msg), msg.clone()),
+            return Ok(added);
+        }
+        let index = incoming_key(&msg.peer, &msg.id);
+        let _write = self.lock_writes();
+        let msg = match self.chat.get(&index)? {
+            Some(at) => {
+                let at: [u8; 8] = at.as_ref().try_into().map_err(|_| StoreError::Corrupt("id index"))?;
+                let first = StoredMessage { stored_at: u64::from_be_bytes(at), ..msg.clone() };
+                if self.chat.contains_key(message_key(&first.at()))? {
+                    return Ok(false);
+                }
+                // A crash came between the index entry and the message: finish the
+                // write under the time chosen then, so the message is stored once.
+                first
+            }
+            None => {
+                // Index first, message last: any prefix of the two that survives a
+                // crash is completed by the next delivery of the same message.
+                self.chat.insert(index, &msg.stored_at.to_be_bytes())?;
+                msg.clone()
+            }
         };
-        // Index first, message last: any prefix of these writes that survives a crash
-        // is completed by the next delivery of the same message (see above).
-        self.history.insert(idk, key.as_slice())?;
-        self.history.insert(time_key(&msg), key.as_slice())?;
-        self.history.insert(key, encode(&msg))?;
+        self.chat.insert(message_key(&msg.at()), encode(&msg))?;
         self.commits.wrote();
         Ok(true)
     }
 
-    fn set_state(&self, peer: &Username, id: &[u8; 16], state: State) -> Result<bool, StoreError> {
-        let _write = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(key) = self.history.get(id_key(peer, Direction::Out, id))? else { return Ok(false) };
-        let Some(bytes) = self.history.get(&key)? else { return Err(StoreError::Corrupt("id index")) };
+    fn set_state(&self, at: &MessageRef, state: State) -> Result<bool, StoreError> {
+        if at.direction != Direction::Out {
+            return Ok(false);
+        }
+        let key = message_key(at);
+        let _write = self.lock_writes();
+        let Some(bytes) = self.chat.get(&key)? else { return Ok(false) };
         let mut msg: StoredMessage = decode(&bytes, "message")?;
         if msg.state != state {
             msg.state = state;
-            self.history.insert(key, encode(&msg))?;
-            self.commits.wrote();
+            self.chat.insert(key, encode(&msg))?;
+            self.commits.wrote_lazily();
         }
         Ok(true)
     }
 
-    fn message(&self, peer: &Username, direction: Direction, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError> {
-        let Some(key) = self.history.get(id_key(peer, direction, id))? else { return Ok(None) };
-        self.history.get(key)?.map(|b| decode(&b, "message")).transpose()
+    fn message(&self, at: &MessageRef) -> Result<Option<StoredMessage>, StoreError> {
+        self.chat.get(message_key(at))?.map(|b| decode(&b, "message")).transpose()
+    }
+
+    fn incoming(&self, peer: &Username, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError> {
+        let Some(at) = self.chat.get(incoming_key(peer, id))? else { return Ok(None) };
+        let at: [u8; 8] = at.as_ref().try_into().map_err(|_| StoreError::Corrupt("id index"))?;
+        self.message(&MessageRef { peer: peer.clone(), direction: Direction::In, stored_at: u64::from_be_bytes(at), id: *id })
     }
 
     fn last(&self, peer: Option<&Username>, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut out = Vec::with_capacity(limit.min(1024));
-        match peer {
+        let mut out = match peer {
             Some(peer) => {
-                for item in self.history.scan_prefix(peer_prefix(peer)).rev().take(limit) {
+                let mut out = Vec::with_capacity(limit.min(1024));
+                for item in self.chat.scan_prefix(peer_prefix(peer)).rev().take(limit) {
                     out.push(decode(&item?.1, "message")?);
                 }
+                out
             }
-            None => {
-                for item in self.history.scan_prefix([TIME]).rev() {
-                    if out.len() == limit {
-                        break;
-                    }
-                    // An entry whose message is not there yet (being written, or cut
-                    // short by a crash and not redelivered yet) is skipped.
-                    if let Some(bytes) = self.history.get(item?.1)? {
-                        out.push(decode(&bytes, "message")?);
-                    }
-                }
-            }
-        }
+            None => self.newest_overall(limit)?,
+        };
         out.reverse();
         Ok(out)
     }
@@ -476,7 +581,16 @@ impl Store for SledStore {
     }
 
     fn written(&self) -> u64 {
-        self.commits.state().written
+        // Whoever takes a commit point means to wait for it: lazy writes before it
+        // become urgent.
+        let mut state = self.commits.state();
+        let point = state.written;
+        if state.urgent < point {
+            state.urgent = point;
+            drop(state);
+            self.commits.work.notify_one();
+        }
+        point
     }
 
     fn wait_durable(&self, point: u64) -> Result<(), StoreError> {
@@ -497,6 +611,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn name(s: &str) -> Username {
         Username::parse(s).unwrap()
@@ -521,6 +636,7 @@ mod tests {
         assert!(s.insert(&msg("bob", 1, 10, Direction::In)).unwrap());
         assert!(!s.insert(&msg("bob", 1, 11, Direction::In)).unwrap(), "a resend is stored once");
         assert!(s.insert(&msg("bob", 1, 12, Direction::Out)).unwrap(), "our own id space is separate");
+        assert!(!s.insert(&msg("bob", 1, 12, Direction::Out)).unwrap(), "an outgoing message is stored once");
         assert!(s.insert(&msg("carol", 1, 13, Direction::In)).unwrap(), "another peer's id space is separate");
         assert_eq!(s.last(Some(&name("bob")), 10).unwrap().len(), 2);
     }
@@ -545,10 +661,19 @@ mod tests {
         let s = SledStore::open(dir.path()).unwrap();
         s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap();
         s.insert(&msg("bob", 2, 11, Direction::In)).unwrap();
-        assert!(s.set_state(&name("bob"), &[1; 16], State::Delivered).unwrap());
-        assert!(!s.set_state(&name("bob"), &[2; 16], State::Delivered).unwrap(), "an incoming id is not ours to ack");
-        assert!(!s.set_state(&name("carol"), &[1; 16], State::Delivered).unwrap(), "carol cannot ack bob's message");
-        assert_eq!(s.message(&name("bob"), Direction::Out, &[1; 16]).unwrap().unwrap().state, State::Delivered);
+        let ours = msg("bob", 1, 10, Direction::Out).at();
+        let theirs = msg("bob", 2, 11, Direction::In).at();
+        assert!(s.set_state(&ours, State::Delivered).unwrap());
+        assert!(!s.set_state(&theirs, State::Delivered).unwrap(), "an incoming message is not ours to ack");
+        assert!(!s.set_state(&MessageRef { direction: Direction::Out, ..theirs.clone() }, State::Delivered).unwrap());
+        assert!(
+            !s.set_state(&MessageRef { peer: name("carol"), ..ours.clone() }, State::Delivered).unwrap(),
+            "carol cannot ack bob's message"
+        );
+        assert_eq!(s.message(&ours).unwrap().unwrap().state, State::Delivered);
+        assert_eq!(s.message(&theirs).unwrap().unwrap().state, State::Received);
+        assert_eq!(s.incoming(&name("bob"), &[2; 16]).unwrap().unwrap().stored_at, 11);
+        assert!(s.incoming(&name("bob"), &[1; 16]).unwrap().is_none(), "outgoing ids are not in the incoming index");
     }
 
     #[test]
@@ -559,8 +684,8 @@ mod tests {
         s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap();
         assert!(!s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap());
         assert_eq!(s.written(), 1, "a duplicate writes nothing");
-        s.set_state(&name("bob"), &[1; 16], State::Delivered).unwrap();
-        assert!(!s.set_state(&name("bob"), &[9; 16], State::Delivered).unwrap());
+        s.set_state(&msg("bob", 1, 10, Direction::Out).at(), State::Delivered).unwrap();
+        assert!(!s.set_state(&msg("bob", 9, 10, Direction::Out).at(), State::Delivered).unwrap());
         assert_eq!(s.written(), 2, "an unknown id writes nothing");
         let point = s.written();
         s.wait_durable(point).unwrap();
@@ -610,6 +735,29 @@ mod tests {
     }
 
     #[test]
+    fn a_state_change_nobody_waits_for_still_reaches_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let m = msg("bob", 1, 10, Direction::Out);
+        s.insert(&m).unwrap();
+        s.wait_durable(s.written()).unwrap();
+        let before = *s.durability().borrow();
+        assert!(s.set_state(&m.at(), State::Delivered).unwrap());
+        let mut progress = s.durability();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let flushed = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), progress.wait_for(|d| d.flushed > before.flushed)).await.map(|d| *d.unwrap())
+        });
+        assert_eq!(flushed.expect("the lazy write was flushed").flushed, before.flushed + 1);
+        // And a point taken after a lazy write is flushed at once, not after the linger.
+        assert!(s.set_state(&m.at(), State::Failed).unwrap());
+        s.wait_durable(s.written()).unwrap();
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.message(&m.at()).unwrap().unwrap().state, State::Failed);
+    }
+
+    #[test]
     fn durability_answers_per_point() {
         let d = Durability { flushed: 5, failed: 8, flushes: 2 };
         assert!(matches!(d.covers(5), Some(Ok(()))));
@@ -622,9 +770,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
         let first = msg("bob", 3, 500, Direction::In);
-        // What survives a crash after the first of the three writes.
-        s.history.insert(id_key(&first.peer, first.direction, &first.id), message_key(&first)).unwrap();
-        s.history.insert(time_key(&first), message_key(&first)).unwrap();
+        // What survives a crash after the first of the two writes.
+        s.chat.insert(incoming_key(&first.peer, &first.id), &500u64.to_be_bytes()).unwrap();
         assert!(s.last(None, 10).unwrap().is_empty(), "a dangling index entry is not a message");
         let resent = StoredMessage { stored_at: 900, ..first.clone() };
         assert!(s.insert(&resent).unwrap(), "the resend completes the message");
@@ -640,37 +787,75 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
         let m = msg("bob", 4, 500, Direction::In);
-        s.history.insert(id_key(&m.peer, m.direction, &m.id), &b"short"[..]).unwrap();
+        s.chat.insert(incoming_key(&m.peer, &m.id), &b"short"[..]).unwrap();
         assert!(matches!(s.insert(&m), Err(StoreError::Corrupt("id index"))));
     }
 
-    #[test]
-    fn schema_1_databases_are_migrated_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            // The schema-1 layout: three trees, keys without a kind byte.
-            let db = sled::open(dir.path()).unwrap();
-            db.open_tree("meta").unwrap().insert("schema", &1u64.to_be_bytes()).unwrap();
-            let (messages, ids, by_time) =
-                (db.open_tree("messages").unwrap(), db.open_tree("ids").unwrap(), db.open_tree("by_time").unwrap());
-            for i in 0..5u8 {
-                let m = msg(if i < 3 { "bob" } else { "carol" }, i, 100 + u64::from(i), Direction::In);
-                let key = [&message_key(&m)[1..]].concat();
-                messages.insert(&key, encode(&m)).unwrap();
-                ids.insert(&id_key(&m.peer, m.direction, &m.id)[1..], key.as_slice()).unwrap();
-                by_time.insert(&time_key(&m)[1..], key.as_slice()).unwrap();
+    /// Writes five messages (three with bob, two with carol, one of carol's ours) in an
+    /// older schema's layout.
+    fn old_database(dir: &Path, schema: u64) {
+        let db = sled::open(dir).unwrap();
+        db.open_tree("meta").unwrap().insert("schema", &schema.to_be_bytes()).unwrap();
+        let (messages, ids, times) = match schema {
+            1 => (db.open_tree("messages").unwrap(), db.open_tree("ids").unwrap(), db.open_tree("by_time").unwrap()),
+            _ => {
+                let history = db.open_tree("history").unwrap();
+                (history.clone(), history.clone(), history)
             }
-            db.flush().unwrap();
+        };
+        let kind = |k: u8| if schema == 1 { vec![] } else { vec![k] };
+        for i in 0..5u8 {
+            let m = msg(if i < 3 { "bob" } else { "carol" }, i, 100 + u64::from(i), if i == 4 { Direction::Out } else { Direction::In });
+            let key = [&kind(b'm')[..], m.peer.as_str().as_bytes(), &[0], &m.stored_at.to_be_bytes(), &m.id].concat();
+            messages.insert(&key, encode(&m)).unwrap();
+            let id = [&kind(b'i')[..], m.peer.as_str().as_bytes(), &[0, m.direction as u8], &m.id].concat();
+            ids.insert(id, key.as_slice()).unwrap();
+            let time = [&kind(b't')[..], &m.stored_at.to_be_bytes(), &m.id, &[m.direction as u8]].concat();
+            times.insert(time, key.as_slice()).unwrap();
         }
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn older_schemas_are_migrated_on_open() {
+        for schema in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            old_database(dir.path(), schema);
+            let s = SledStore::open(dir.path()).unwrap();
+            let bob = s.last(Some(&name("bob")), 10).unwrap();
+            assert_eq!(bob.iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![0, 1, 2], "schema {schema}");
+            assert_eq!(s.last(None, 10).unwrap().iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+            assert!(!s.insert(&msg("carol", 3, 999, Direction::In)).unwrap(), "the incoming index came across");
+            assert!(s.set_state(&msg("carol", 4, 104, Direction::Out).at(), State::Delivered).unwrap(), "ours can still be acked");
+            drop(s);
+            let db = sled::open(dir.path()).unwrap();
+            let names = db.tree_names();
+            for old in ["messages", "ids", "by_time", "history"] {
+                assert!(!names.iter().any(|t| t.as_ref() == old.as_bytes()), "schema {schema}: {old} is gone");
+            }
+            assert_eq!(db.open_tree("meta").unwrap().get("schema").unwrap().unwrap().as_ref(), &SCHEMA_VERSION.to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn last_overall_merges_every_peer_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
-        let bob = s.last(Some(&name("bob")), 10).unwrap();
-        assert_eq!(bob.iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![0, 1, 2]);
-        assert_eq!(s.last(None, 10).unwrap().len(), 5);
-        assert!(!s.insert(&msg("carol", 4, 999, Direction::In)).unwrap(), "the id index came across");
-        drop(s);
-        let db = sled::open(dir.path()).unwrap();
-        assert!(!db.tree_names().iter().any(|t| t.as_ref() == b"messages"), "the old trees are gone");
-        assert_eq!(db.open_tree("meta").unwrap().get("schema").unwrap().unwrap().as_ref(), &2u64.to_be_bytes());
+        // Interleaved in time across peers whose names prefix one another.
+        let peers = ["bob", "bobby", "al_ice", "zed"];
+        for i in 0..40u8 {
+            let direction = if i % 3 == 0 { Direction::Out } else { Direction::In };
+            s.insert(&msg(peers[usize::from(i) * 7 % 4], i, 1000 + u64::from(i) * 10, direction)).unwrap();
+        }
+        // Two at the same millisecond: both kept, ordered by id.
+        s.insert(&msg("zed", 200, 5000, Direction::In)).unwrap();
+        s.insert(&msg("bob", 201, 5000, Direction::In)).unwrap();
+        let all = s.last(None, 12).unwrap();
+        let mut want: Vec<u8> = (30..40).collect();
+        want.extend([200, 201]);
+        assert_eq!(all.iter().map(|m| m.id[0]).collect::<Vec<_>>(), want);
+        assert_eq!(s.last(None, 1000).unwrap().len(), 42);
+        assert!(s.last(None, 0).unwrap().is_empty());
     }
 
     #[test]

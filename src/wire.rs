@@ -71,10 +71,8 @@ pub trait Message: Serialize + DeserializeOwned {
 
 /// Encodes a message as `WIRE_VERSION ‖ postcard(value)`.
 pub fn encode_message<M: Message>(msg: &M) -> Vec<u8> {
-    let mut out = vec![WIRE_VERSION];
     // Serialising plain data into a Vec cannot fail.
-    out.extend_from_slice(&postcard::to_stdvec(msg).expect("postcard encodes into a Vec"));
-    out
+    postcard::to_extend(msg, vec![WIRE_VERSION]).expect("postcard encodes into a Vec")
 }
 
 /// Decodes `WIRE_VERSION ‖ postcard(value)` strictly.

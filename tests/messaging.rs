@@ -168,3 +168,26 @@ fn second_up_for_the_same_profile_is_refused() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
 }
+
+#[test]
+fn messages_sent_together_to_a_new_contact_all_arrive() {
+    let root = tempfile::tempdir().unwrap();
+    let (_node, alice, bob) = node_and_users(root.path());
+    let _bob_up = bob.up();
+    let _alice_up = alice.up();
+    // No session yet: every one of these needs it, and they share one dial.
+    let sends: Vec<_> = (0..6)
+        .map(|i| {
+            let mut cmd = alice.cmd(&["send", "bob", &format!("together {i}")]);
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for child in sends {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    }
+    let mut bodies: Vec<String> =
+        lines(&bob.ok(&["history", "alice", "--json"])).iter().map(|m| m["body"].as_str().unwrap().to_string()).collect();
+    bodies.sort();
+    assert_eq!(bodies, (0..6).map(|i| format!("together {i}")).collect::<Vec<_>>());
+}

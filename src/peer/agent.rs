@@ -11,21 +11,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::session::{Answer, Dial, PeerMessage, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE, MAX_NOISE_MESSAGE};
+use super::session::{
+    encode_chat, Answer, Dial, PeerMessage, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE, MAX_NOISE_MESSAGE,
+};
 use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
 use crate::presence::PresenceRecord;
-use crate::quic::{read_frame, write_frame};
+use crate::quic::{read_frame, write_frame, FrameReader, WRITE_TIMEOUT};
 use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, WatchEvent, LOOKUP_SKEW};
 use crate::rendezvous::proto::Refusal;
-use crate::store::{durable, Contact, Direction, Durability, State, Store, StoreError, StoredMessage};
+use crate::store::{durable, Contact, Direction, Durability, MessageRef, State, Store, StoreError, StoredMessage};
 use crate::tls::{self, CertKey};
 use crate::username::Username;
+use crate::wire::encode_message;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +38,8 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PREAMBLE: usize = 128;
 /// Outgoing messages queued per session before senders wait.
 const SESSION_QUEUE: usize = 64;
+/// Queued messages are sealed into one write until it holds this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
 /// Incoming handshakes in progress at once; more are refused until some finish.
 const MAX_HANDSHAKES: usize = 64;
 /// Incoming handshakes in progress at once from one source address (IPv6: one /64), so
@@ -125,8 +131,17 @@ struct SessionHandle {
 }
 
 struct Outgoing {
-    message: PeerMessage,
+    /// The encoded message, sealed by the session.
+    plain: Vec<u8>,
     id: [u8; 16],
+    /// Where the message is kept here, to mark it delivered.
+    stored_at: u64,
+    acked: oneshot::Sender<()>,
+}
+
+/// A sent message whose ack the session is waiting for.
+struct Waiting {
+    stored_at: u64,
     acked: oneshot::Sender<()>,
 }
 
@@ -137,6 +152,10 @@ struct Inner {
     endpoint: quinn::Endpoint,
     node: tokio::sync::Mutex<Option<Arc<RendezvousClient>>>,
     sessions: Mutex<HashMap<Username, SessionHandle>>,
+    /// One dial per peer at a time: senders that find no session queue here and use
+    /// the one the first of them opened, instead of racing it with dials of their own
+    /// (each new session replaces, and so closes, the one before).
+    dialing: Mutex<HashMap<Username, Arc<tokio::sync::Mutex<()>>>>,
     events: broadcast::Sender<AgentEvent>,
     next_session: AtomicU64,
     last_timestamp: AtomicU64,
@@ -172,6 +191,7 @@ impl Agent {
             endpoint,
             node: tokio::sync::Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
             events,
             next_session: AtomicU64::new(1),
             last_timestamp: AtomicU64::new(0),
@@ -259,8 +279,8 @@ impl Agent {
         // The session marks the message delivered when the ack arrives, before it
         // wakes us; an ack that comes after we gave up still marks it delivered.
         let outcome = self.deliver(&msg).await;
-        if outcome.is_err() && store.message(to, Direction::Out, &id)?.is_some_and(|m| m.state == State::Pending) {
-            store.set_state(to, &id, State::Failed)?;
+        if outcome.is_err() && store.message(&msg.at())?.is_some_and(|m| m.state == State::Pending) {
+            store.set_state(&msg.at(), State::Failed)?;
         }
         // Report only once the message itself is on disk here (the recipient acked only
         // once it was on disk there). The delivered or failed mark reaches the disk with
@@ -280,20 +300,30 @@ impl Agent {
     }
 
     async fn deliver(&self, msg: &StoredMessage) -> Result<(), SendError> {
-        let chat = PeerMessage::Chat { id: msg.id, sent_at: msg.sent_at, body: msg.body.clone() };
-        let existing = lock(&self.inner.sessions).get(&msg.peer).cloned();
-        if let Some(session) = existing {
+        let chat = encode_chat(&msg.id, msg.sent_at, &msg.body);
+        let session_now = || lock(&self.inner.sessions).get(&msg.peer).cloned();
+        let mut failed = None;
+        if let Some(session) = session_now() {
             // A reused session may have died quietly; the same id makes a retry safe.
-            if push(&session, chat.clone(), msg.id).await.is_ok() {
+            if push(&session, chat.clone(), msg).await.is_ok() {
                 return Ok(());
             }
             debug!(peer = %msg.peer, "session failed; dialing again");
+            failed = Some(session.id);
+        }
+        let gate = lock(&self.inner.dialing).entry(msg.peer.clone()).or_default().clone();
+        let _turn = gate.lock().await;
+        // Another sender (or the peer) may have opened a session while we waited.
+        if let Some(session) = session_now().filter(|s| Some(s.id) != failed) {
+            if push(&session, chat.clone(), msg).await.is_ok() {
+                return Ok(());
+            }
         }
         let verified = self.resolve(&msg.peer).await?;
         let record = verified.presence.ok_or_else(|| SendError::Offline(msg.peer.clone()))?;
         let session =
             dial(&self.inner, &msg.peer, &record).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })?;
-        push(&session, chat, msg.id).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })
+        push(&session, chat, msg).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })
     }
 
     /// Looks `user` up, verifies the answer, and checks it against the pinned contact
@@ -515,10 +545,11 @@ async fn watch_contacts(inner: Arc<Inner>) {
 }
 
 /// Queues one message on a session and waits for its ack, all within [`ACK_TIMEOUT`].
-async fn push(session: &SessionHandle, message: PeerMessage, id: [u8; 16]) -> Result<(), String> {
+async fn push(session: &SessionHandle, plain: Vec<u8>, msg: &StoredMessage) -> Result<(), String> {
+    let (id, stored_at) = (msg.id, msg.stored_at);
     let (acked, ack) = oneshot::channel();
     let attempt = async {
-        session.outgoing.send(Outgoing { message, id, acked }).await.map_err(|_| "session closed".to_string())?;
+        session.outgoing.send(Outgoing { plain, id, stored_at, acked }).await.map_err(|_| "session closed".to_string())?;
         ack.await.map_err(|_| "session closed before the acknowledgement".to_string())
     };
     tokio::time::timeout(ACK_TIMEOUT, attempt).await.map_err(|_| "no acknowledgement in time".to_string())?
@@ -727,56 +758,71 @@ async fn run_session(
     mut queue: mpsc::Receiver<Outgoing>,
 ) {
     // Frames are read by their own task: reading is not cancel-safe inside select!.
-    let (frames_tx, mut frames) = mpsc::channel::<Vec<u8>>(16);
+    // It hands on every frame that one piece of the stream completed, together.
+    let (frames_tx, mut incoming) = mpsc::channel::<Vec<Bytes>>(16);
     let reader = tokio::spawn(async move {
-        while let Ok(Some(frame)) = read_session_frame(&mut recv).await {
-            if frames_tx.send(frame).await.is_err() {
+        let mut frames = FrameReader::new(MAX_NOISE_MESSAGE).with_frame_timeout(FRAME_TIMEOUT);
+        loop {
+            let mut batch = Vec::new();
+            if !matches!(frames.read(&mut recv, &mut batch).await, Ok(true)) || frames_tx.send(batch).await.is_err() {
                 break;
             }
         }
     });
-    let mut waiting: HashMap<[u8; 16], oneshot::Sender<()>> = HashMap::new();
+    let mut waiting: HashMap<[u8; 16], Waiting> = HashMap::new();
     // Acks owed for stored messages, oldest first, each sent once its flush is done.
     let mut owed: VecDeque<(u64, [u8; 16])> = VecDeque::new();
     let mut progress = inner.store.durability();
     let mut prune_at = SESSION_QUEUE;
+    // Reused buffers: decrypted plaintext, and the frames of one write.
+    let (mut plain, mut out) = (Vec::new(), Vec::new());
     let reason = loop {
         tokio::select! {
-            frame = frames.recv() => {
-                let Some(frame) = frame else { break "stream ended".to_string() };
-                let message = match transport.open(&frame) {
-                    Ok(m) => m,
-                    Err(e) => break e.to_string(),
-                };
-                match handle_message(&inner, &peer, message, &mut waiting) {
-                    Ok(Some(owed_ack)) => {
-                        owed.push_back(owed_ack);
-                        let done = *progress.borrow_and_update();
-                        if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send).await { break e }
+            batch = incoming.recv() => {
+                let Some(batch) = batch else { break "stream ended".to_string() };
+                let mut failed = None;
+                for frame in batch {
+                    let message = match transport.open_with(&frame, &mut plain) {
+                        Ok(m) => m,
+                        Err(e) => { failed = Some(e.to_string()); break }
+                    };
+                    match handle_message(&inner, &peer, message, &mut waiting) {
+                        Ok(Some(owed_ack)) => owed.push_back(owed_ack),
+                        Ok(None) => {}
+                        Err(e) => { failed = Some(e); break }
                     }
-                    Ok(None) => {}
-                    Err(e) => break e,
                 }
+                if let Some(e) = failed { break e }
+                let done = *progress.borrow_and_update();
+                if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send, &mut out).await { break e }
             }
             changed = progress.changed(), if !owed.is_empty() => {
                 if changed.is_err() { break "history database closed".to_string() }
                 let done = *progress.borrow_and_update();
-                if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send).await { break e }
+                if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send, &mut out).await { break e }
             }
-            out = queue.recv() => {
-                let Some(out) = out else { break "closed".to_string() };
-                match transport.seal(&out.message) {
-                    Ok(bytes) => {
-                        if let Err(e) = write_frame(&mut send, &bytes).await { break e }
-                        // Senders that gave up leave closed channels behind: drop them.
-                        if waiting.len() >= prune_at {
-                            waiting.retain(|_, acked| !acked.is_closed());
-                            prune_at = (waiting.len() * 2).max(SESSION_QUEUE);
-                        }
-                        waiting.insert(out.id, out.acked);
+            first = queue.recv() => {
+                let Some(first) = first else { break "closed".to_string() };
+                // Everything queued meanwhile goes out in the same write.
+                let mut next = Some(first);
+                let mut sealed = Ok(());
+                while let Some(o) = next.take() {
+                    sealed = transport.seal_frame(&o.plain, &mut out);
+                    if sealed.is_err() {
+                        break;
                     }
-                    Err(e) => break e.to_string(),
+                    // Senders that gave up leave closed channels behind: drop them.
+                    if waiting.len() >= prune_at {
+                        waiting.retain(|_, w| !w.acked.is_closed());
+                        prune_at = (waiting.len() * 2).max(SESSION_QUEUE);
+                    }
+                    waiting.insert(o.id, Waiting { stored_at: o.stored_at, acked: o.acked });
+                    if out.len() < WRITE_BATCH {
+                        next = queue.try_recv().ok();
+                    }
                 }
+                if let Err(e) = sealed { break e.to_string() }
+                if let Err(e) = write_all(&mut send, &mut out).await { break e }
             }
         }
     };
@@ -792,13 +838,14 @@ async fn run_session(
     let _ = inner.events.send(AgentEvent::SessionClosed { peer });
 }
 
-/// Sends the acks whose messages are on disk, in order; an ack whose flush failed is
-/// never sent, and ends the session (the sender will retry).
+/// Sends the acks whose messages are on disk, in order, in one write; an ack whose
+/// flush failed is never sent, and ends the session (the sender will retry).
 async fn send_acks(
     owed: &mut VecDeque<(u64, [u8; 16])>,
     done: Durability,
     transport: &mut Transport,
     send: &mut quinn::SendStream,
+    out: &mut Vec<u8>,
 ) -> Result<(), String> {
     while let Some(&(point, id)) = owed.front() {
         match done.covers(point) {
@@ -806,12 +853,26 @@ async fn send_acks(
             Some(Err(e)) => return Err(e.to_string()),
             Some(Ok(())) => {
                 owed.pop_front();
-                let bytes = transport.seal(&PeerMessage::Ack { id }).map_err(|e| e.to_string())?;
-                write_frame(send, &bytes).await?;
+                transport.seal_frame(&encode_message(&PeerMessage::Ack { id }), out).map_err(|e| e.to_string())?;
             }
         }
     }
-    Ok(())
+    write_all(send, out).await
+}
+
+/// Writes and empties `out` (nothing to do when it is empty), giving up if the other
+/// side does not take it within [`WRITE_TIMEOUT`].
+async fn write_all(send: &mut quinn::SendStream, out: &mut Vec<u8>) -> Result<(), String> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let written = tokio::time::timeout(WRITE_TIMEOUT, send.write_all(out)).await;
+    out.clear();
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the other side stopped reading".into()),
+    }
 }
 
 /// Applies one decrypted message; for a stored message, returns the commit point to
@@ -820,7 +881,7 @@ fn handle_message(
     inner: &Inner,
     peer: &Username,
     message: PeerMessage,
-    waiting: &mut HashMap<[u8; 16], oneshot::Sender<()>>,
+    waiting: &mut HashMap<[u8; 16], Waiting>,
 ) -> Result<Option<(u64, [u8; 16])>, String> {
     match message {
         PeerMessage::Chat { id, sent_at, body } => {
@@ -845,8 +906,9 @@ fn handle_message(
             Ok(Some((inner.store.written(), id)))
         }
         PeerMessage::Ack { id } => {
-            if let Some(acked) = waiting.remove(&id) {
-                inner.store.set_state(peer, &id, State::Delivered).map_err(|e| e.to_string())?;
+            if let Some(Waiting { stored_at, acked }) = waiting.remove(&id) {
+                let at = MessageRef { peer: peer.clone(), direction: Direction::Out, stored_at, id };
+                inner.store.set_state(&at, State::Delivered).map_err(|e| e.to_string())?;
                 let _ = inner.events.send(AgentEvent::Delivered { peer: peer.clone(), id });
                 let _ = acked.send(());
             }
@@ -854,25 +916,4 @@ fn handle_message(
         }
         PeerMessage::Unknown => Ok(None),
     }
-}
-
-/// Reads one transport frame like [`read_frame`], except that once its first byte has
-/// arrived the rest must follow within [`FRAME_TIMEOUT`]: a peer that starts a frame
-/// and then trickles it is cut off. An idle session waits for its next frame as long
-/// as the connection lives.
-async fn read_session_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, String> {
-    use crate::wire::{frame_len, HEADER_LEN};
-    let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header[..1]).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    }
-    let rest = async {
-        recv.read_exact(&mut header[1..]).await.map_err(|e| e.to_string())?;
-        let mut body = vec![0u8; frame_len(header, MAX_NOISE_MESSAGE).map_err(|e| e.to_string())?];
-        recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-        Ok(Some(body))
-    };
-    tokio::time::timeout(FRAME_TIMEOUT, rest).await.unwrap_or_else(|_| Err("a frame did not arrive in time".into()))
 }

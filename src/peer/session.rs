@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::{Identity, IdentityKey, NoiseBinding, NoiseKey};
 use crate::username::Username;
-use crate::wire::Message;
+use crate::wire::{Message, HEADER_LEN};
 
 pub const ALPN: &[u8] = b"sotto-peer/1";
 pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
@@ -104,6 +104,21 @@ impl Message for PeerMessage {
     fn is_unknown(&self) -> bool {
         matches!(self, PeerMessage::Unknown)
     }
+}
+
+/// `PeerMessage::Chat` with its body borrowed: it serialises to the same bytes.
+#[derive(Serialize)]
+enum ChatRef<'a> {
+    Chat { id: &'a [u8; 16], sent_at: u64, body: &'a str },
+}
+
+/// The encoded `PeerMessage::Chat { id, sent_at, body }`, byte for byte what
+/// [`encode_message`](crate::wire::encode_message) makes of it, without first copying
+/// the body into a message.
+pub fn encode_chat(id: &[u8; 16], sent_at: u64, body: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 1 + 16 + 10 + 3 + body.len());
+    out.push(crate::wire::WIRE_VERSION);
+    postcard::to_extend(&ChatRef::Chat { id, sent_at, body }, out).expect("postcard encodes into a Vec")
 }
 
 fn prologue(preamble_bytes: &[u8]) -> Vec<u8> {
@@ -256,32 +271,54 @@ impl Transport {
 
     /// Encrypts one message into one Noise transport message.
     pub fn seal(&mut self, msg: &PeerMessage) -> Result<Vec<u8>, SessionError> {
-        let plain = crate::wire::encode_message(msg);
+        let mut out = Vec::new();
+        self.seal_frame(&crate::wire::encode_message(msg), &mut out)?;
+        Ok(out.split_off(HEADER_LEN))
+    }
+
+    /// Encrypts an encoded message ([`encode_message`](crate::wire::encode_message) or
+    /// [`encode_chat`]) and appends it to `out` as one frame: the length, then the Noise
+    /// transport message. Frames for one write can share a buffer, and the ciphertext is
+    /// written where it is sent from.
+    pub fn seal_frame(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
         if plain.len() > MAX_PLAINTEXT {
             return Err(SessionError::TooLarge);
         }
-        let mut out = vec![0u8; plain.len() + 16];
-        let n = self.state.write_message(&plain, &mut out).map_err(|_| SessionError::TooLarge)?;
-        out.truncate(n);
+        let start = out.len();
+        out.resize(start + HEADER_LEN + plain.len() + 16, 0);
+        let sealed = self.state.write_message(plain, &mut out[start + HEADER_LEN..]);
+        let Ok(n) = sealed else {
+            out.truncate(start);
+            return Err(SessionError::TooLarge);
+        };
+        // n ≤ MAX_NOISE_MESSAGE, so it fits the header.
+        out[start..start + HEADER_LEN].copy_from_slice(&(n as u32).to_be_bytes());
+        out.truncate(start + HEADER_LEN + n);
         self.sent += 1;
         if self.sent % REKEY_INTERVAL == 0 {
             self.state.rekey_outgoing();
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Decrypts one Noise transport message. Any error means the session is over.
     pub fn open(&mut self, bytes: &[u8]) -> Result<PeerMessage, SessionError> {
+        self.open_with(bytes, &mut Vec::new())
+    }
+
+    /// [`open`](Self::open), decrypting into `scratch`, a buffer reused from message to
+    /// message.
+    pub fn open_with(&mut self, bytes: &[u8], scratch: &mut Vec<u8>) -> Result<PeerMessage, SessionError> {
         if bytes.len() > MAX_NOISE_MESSAGE {
             return Err(SessionError::TooLarge);
         }
-        let mut plain = vec![0u8; bytes.len()];
-        let n = self.state.read_message(bytes, &mut plain).map_err(|_| SessionError::Decrypt)?;
+        scratch.resize(bytes.len(), 0);
+        let n = self.state.read_message(bytes, scratch).map_err(|_| SessionError::Decrypt)?;
         self.received += 1;
         if self.received % REKEY_INTERVAL == 0 {
             self.state.rekey_incoming();
         }
-        crate::wire::decode_message(&plain[..n]).map_err(|_| SessionError::Malformed)
+        crate::wire::decode_message(&scratch[..n]).map_err(|_| SessionError::Malformed)
     }
 
     pub fn counts(&self) -> (u64, u64) {
@@ -414,5 +451,46 @@ mod tests {
         let (mut a, _) = pair(1);
         assert_eq!(a.seal(&chat(&"x".repeat(MAX_PLAINTEXT))).unwrap_err(), SessionError::TooLarge);
         assert!(a.seal(&chat(&"x".repeat(MAX_BODY))).is_ok());
+        let mut out = b"kept".to_vec();
+        assert_eq!(a.seal_frame(&[0u8; MAX_PLAINTEXT + 1], &mut out).unwrap_err(), SessionError::TooLarge);
+        assert_eq!(out, b"kept", "a refused message leaves the buffer as it was");
+    }
+
+    #[test]
+    fn frames_sealed_into_one_buffer_open_in_order() {
+        let (mut a, mut b) = pair(NOW_NS);
+        let mut out = Vec::new();
+        let bodies = ["one", "two", &"three".repeat(5000)];
+        for (i, body) in bodies.iter().enumerate() {
+            a.seal_frame(&encode_chat(&[i as u8; 16], 7, body), &mut out).unwrap();
+        }
+        a.seal_frame(&crate::wire::encode_message(&PeerMessage::Ack { id: [9; 16] }), &mut out).unwrap();
+        let mut rest = &out[..];
+        let mut scratch = Vec::new();
+        let mut got = Vec::new();
+        while !rest.is_empty() {
+            let len = crate::wire::frame_len(rest[..HEADER_LEN].try_into().unwrap(), MAX_NOISE_MESSAGE).unwrap();
+            got.push(b.open_with(&rest[HEADER_LEN..HEADER_LEN + len], &mut scratch).unwrap());
+            rest = &rest[HEADER_LEN + len..];
+        }
+        let want: Vec<_> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| PeerMessage::Chat { id: [i as u8; 16], sent_at: 7, body: body.to_string() })
+            .chain([PeerMessage::Ack { id: [9; 16] }])
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(a.counts().0, 4);
+    }
+
+    #[test]
+    fn encode_chat_is_the_chat_message_encoding() {
+        for body in ["", "hi", &"é".repeat(300), &"x".repeat(MAX_BODY)] {
+            for sent_at in [0, 127, 128, u64::MAX] {
+                let id = [sent_at as u8; 16];
+                let owned = PeerMessage::Chat { id, sent_at, body: body.to_string() };
+                assert_eq!(encode_chat(&id, sent_at, body), crate::wire::encode_message(&owned));
+            }
+        }
     }
 }
