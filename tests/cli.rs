@@ -238,3 +238,13 @@ fn completions_man_page_and_config_defaults() {
     let out = run(&mut alice.cmd(&["login", "alice", "--password-file", "/dev/null"]));
     assert_eq!(out.status.code(), Some(2), "no --server and no config: a usage error");
 }
+
+#[test]
+fn a_node_stopped_as_soon_as_it_prints_its_address_exits_cleanly() {
+    let root = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let mut node = NodeProcess::start(&root.path().join("node"));
+        let status = node.stop();
+        assert!(status.success(), "round {round}: SIGTERM right after the address line gave {status:?}");
+    }
+}

@@ -59,17 +59,25 @@ impl Context {
 }
 
 /// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Completes on Ctrl-C or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled, so a signal that comes early (say, right after the
+/// node prints its address) still ends the process cleanly.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let (interrupt, terminate) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()));
+    async move {
+        let next = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                // Without a handler this signal ends the process as it always would.
+                Err(_) => std::future::pending().await,
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        };
+        tokio::select! {
+            _ = next(interrupt) => {}
+            _ = next(terminate) => {}
         }
     }
 }
@@ -140,10 +148,11 @@ pub async fn rendezvous(listen: SocketAddr, data: PathBuf, public_host: Option<S
     config.lookup_rate = (limits.lookup_rate > 0)
         .then(|| sotto::rendezvous::limit::Rate { per_second: limits.lookup_rate, burst: limits.lookup_rate.saturating_mul(10) });
     let node = Node::bind(config)?;
+    let stop = shutdown_signal();
     println!("{}", node.address());
     std::io::stdout().flush()?;
     eprintln!("rendezvous node listening on {}; Ctrl-C to stop", node.local_addr()?);
-    node.run(shutdown_signal()).await?;
+    node.run(stop).await?;
     eprintln!("rendezvous node stopped");
     Ok(())
 }

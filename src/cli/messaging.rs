@@ -93,8 +93,9 @@ impl LocalNode {
 /// A watch channel that turns true on SIGINT or SIGTERM.
 fn stop_on_signal() -> watch::Receiver<bool> {
     let (stop, stopped) = watch::channel(false);
+    let signal = shutdown_signal();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signal.await;
         let _ = stop.send(true);
     });
     stopped

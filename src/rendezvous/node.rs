@@ -335,7 +335,8 @@ async fn read_request(shared: &Shared, recv: &mut quinn::RecvStream) -> Result<R
         // `len` is at most MAX_FRAME, so it fits in u32; the semaphore is never closed.
         _ => Some(shared.large_requests.acquire_many(len as u32).await.map_err(|e| e.to_string())?),
     };
-    let body = recv.read_to_end(len).await.map_err(|e| e.to_string())?;
+    // A register or login request carries a password: its bytes are wiped once decoded.
+    let body = zeroize::Zeroizing::new(recv.read_to_end(len).await.map_err(|e| e.to_string())?);
     if body.len() != len {
         return Err(format!("the stream ended {} bytes into a {len}-byte request", body.len()));
     }
