@@ -17,20 +17,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::PeerWorld;
 use report::{cpu_time, merge, selected, spread, Better, Figure, Samples, Scale};
 use serde_json::json;
-use sotto::address::ServerAddress;
 use sotto::clock::{unix_now_ms, unix_now_ns};
 use sotto::keys::Identity;
-use sotto::online::{self, Presence};
-use sotto::peer::agent::{Agent, AgentConfig};
 use sotto::peer::session::{encode_chat, Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
 use sotto::quic::{read_frame, write_frame, FrameReader};
 use sotto::rendezvous::client::RendezvousClient;
 use sotto::store::{Direction, SledStore, State, Store, StoredMessage};
 use sotto::tls::{self, CertKey};
 use sotto::username::Username;
-use tokio::sync::watch;
 
 fn name(s: &str) -> Username {
     Username::parse(s).unwrap()
@@ -42,7 +39,7 @@ fn main() {
     eprintln!("sotto bench ({scale:?}): one JSON object per figure on stdout");
     if selected("round_trip") || selected("sustained") || selected("first_message") {
         rt.block_on(async {
-            let w = World::new().await;
+            let w = common::peer_world([127, 0, 0, 1].into()).await;
             if selected("round_trip") {
                 round_trip(&w, scale).await;
             }
@@ -52,8 +49,8 @@ fn main() {
             if selected("first_message") {
                 first_message(&w, scale).await;
             }
-            w.alice.shutdown().await;
-            w.bob.shutdown().await;
+            w.alice_agent.shutdown().await;
+            w.bob_agent.shutdown().await;
         });
     }
     if selected("bulk") {
@@ -64,59 +61,6 @@ fn main() {
     }
     if selected("history") {
         history(scale);
-    }
-}
-
-/// A node, alice and bob as running agents, bob online, one message sent (so the
-/// session is open and bob's key pinned).
-struct World {
-    _dir: tempfile::TempDir,
-    server: ServerAddress,
-    alice: Agent,
-    alice_id: Arc<Identity>,
-    bob: Agent,
-    bob_id: Arc<Identity>,
-    _stop: watch::Sender<bool>,
-}
-
-impl World {
-    async fn new() -> World {
-        let dir = tempfile::tempdir().unwrap();
-        let server = common::node_in_process(dir.path()).await;
-        let (alice_id, bob_id) = (Arc::new(Identity::generate()), Arc::new(Identity::generate()));
-        for (id, user) in [(&alice_id, "alice"), (&bob_id, "bob")] {
-            let c = RendezvousClient::connect(&server).await.unwrap();
-            c.register(id, &name(user), "password123").await.unwrap();
-            c.close().await;
-        }
-        let agent = |id: &Arc<Identity>, user: &str| {
-            let home = dir.path().join(user);
-            let cert = CertKey::load_or_create(&home.join("peer"), "sotto-peer").unwrap();
-            let store: Arc<dyn Store> = Arc::new(SledStore::open(&home.join("db")).unwrap());
-            let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
-            let agent = Agent::start(id.clone(), store, &cert, AgentConfig { username: name(user), server: server.clone(), listen });
-            (agent.unwrap(), cert.sha256())
-        };
-        let (bob, bob_cert) = agent(&bob_id, "bob");
-        let (alice, _) = agent(&alice_id, "alice");
-        let presence = Presence {
-            server: server.clone(),
-            username: name("bob"),
-            addrs: vec![bob.local_addr().unwrap()],
-            cert_sha256: bob_cert,
-            ttl: 60,
-        };
-        let (stop, stopped) = watch::channel(false);
-        let id = bob_id.clone();
-        tokio::spawn(async move { online::stay_online(&id, &presence, stopped, |_| {}).await });
-        for _ in 0..100 {
-            if alice.lookup(&name("bob")).await.is_ok_and(|v| v.presence.is_some()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        alice.send(&name("bob"), "hello").await.expect("first message");
-        World { _dir: dir, server, alice, alice_id, bob, bob_id, _stop: stop }
     }
 }
 
@@ -155,7 +99,7 @@ async fn raw_connect(addr: SocketAddr, pin: [u8; 32]) -> quinn::Connection {
 /// Figure 1: one 100-byte message, send → durable on the receiver → ack, on an open
 /// session; baseline: a raw QUIC stream ping-pong of 100 bytes with one sled insert and
 /// flush on the answering side.
-async fn round_trip(w: &World, scale: Scale) {
+async fn round_trip(w: &PeerWorld, scale: Scale) {
     let (reps, per_rep) = scale.pick((5, 400), (2, 20));
     let db_dir = tempfile::tempdir().unwrap();
     let db = sled::open(db_dir.path()).unwrap();
@@ -183,13 +127,13 @@ async fn round_trip(w: &World, scale: Scale) {
     let (mut sotto_all, mut raw_all, mut sotto_p50s, mut raw_p50s) = (Samples::new(), Samples::new(), Samples::new(), Samples::new());
     // Warm-up, then interleaved repetitions so both sides see the same machine.
     for _ in 0..per_rep / 4 {
-        w.alice.send(&bob, &body).await.unwrap();
+        w.alice_agent.send(&bob, &body).await.unwrap();
     }
     for rep in 0..reps {
         let mut s = Samples::new();
         for _ in 0..per_rep {
             let t = Instant::now();
-            w.alice.send(&bob, &body).await.unwrap();
+            w.alice_agent.send(&bob, &body).await.unwrap();
             s.push_duration_us(t.elapsed());
         }
         let mut r = Samples::new();
@@ -233,12 +177,12 @@ async fn round_trip(w: &World, scale: Scale) {
 /// Figure 2: many 100-byte messages in flight on one session, each acked only once
 /// durable on the receiver and reported only once durable on the sender; baseline:
 /// raw sled inserts without flush, for the same time.
-async fn sustained(w: &World, scale: Scale) {
+async fn sustained(w: &PeerWorld, scale: Scale) {
     let (reps, secs, senders) = scale.pick((3, 3.0, 256), (1, 0.3, 16));
     let bob = name("bob");
     let body = "y".repeat(100);
     let (mut rates, mut raw_rates) = (Samples::new(), Samples::new());
-    let flushes_before = w.bob.store().durability().borrow().flushes;
+    let flushes_before = w.bob_agent.store().durability().borrow().flushes;
     let (mut total, mut cpu, mut raw_cpu, mut raw_total) = (0u64, Duration::ZERO, Duration::ZERO, 0f64);
     for _ in 0..reps {
         let done = Arc::new(AtomicU64::new(0));
@@ -246,7 +190,7 @@ async fn sustained(w: &World, scale: Scale) {
         let (start, cpu_start) = (Instant::now(), cpu_time());
         let tasks: Vec<_> = (0..senders)
             .map(|_| {
-                let (alice, bob, body, done, stop) = (w.alice.clone(), bob.clone(), body.clone(), done.clone(), stop.clone());
+                let (alice, bob, body, done, stop) = (w.alice_agent.clone(), bob.clone(), body.clone(), done.clone(), stop.clone());
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         alice.send(&bob, &body).await.unwrap();
@@ -271,7 +215,7 @@ async fn sustained(w: &World, scale: Scale) {
         raw_total += raw_rate * secs;
         raw_rates.push(raw_rate);
     }
-    let flushes = w.bob.store().durability().borrow().flushes - flushes_before;
+    let flushes = w.bob_agent.store().durability().borrow().flushes - flushes_before;
     let extra = merge(
         spread(&rates),
         json!({
@@ -410,7 +354,7 @@ async fn bulk(scale: Scale) {
 
 /// Figure 4: the first message to a peer with no session (lookup, QUIC, Noise IK, ack);
 /// baseline: a raw QUIC connect, a raw snow IK handshake and one lookup round trip.
-async fn first_message(w: &World, scale: Scale) {
+async fn first_message(w: &PeerWorld, scale: Scale) {
     let rounds = scale.pick(30, 3);
     let bob = name("bob");
     // The raw side: a QUIC server that answers one Noise IK handshake per connection.
@@ -437,13 +381,13 @@ async fn first_message(w: &World, scale: Scale) {
     let endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
     let initiator_keys = snow::Builder::new(params.clone()).generate_keypair().unwrap();
     let node = RendezvousClient::connect(&w.server).await.unwrap();
-    node.authenticate(&w.alice_id, &name("alice")).await.unwrap();
+    node.authenticate(&w.alice, &name("alice")).await.unwrap();
     let (mut sotto, mut raw) = (Samples::new(), Samples::new());
     for _ in 0..rounds {
-        w.alice.disconnect(&bob);
+        w.alice_agent.disconnect(&bob);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let t = Instant::now();
-        w.alice.send(&bob, "first").await.unwrap();
+        w.alice_agent.send(&bob, "first").await.unwrap();
         sotto.push_duration_us(t.elapsed());
 
         let t = Instant::now();
@@ -466,7 +410,6 @@ async fn first_message(w: &World, scale: Scale) {
         raw.push_duration_us(t.elapsed());
         conn.close(0u32.into(), b"done");
     }
-    let _ = &w.bob_id;
     Figure {
         name: "first_message_ms",
         value: sotto.median() / 1000.0,

@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 use sotto::address::ServerAddress;
 use sotto::clock::{unix_now, unix_now_ns};
 use sotto::keys::Identity;
-use sotto::online::{self, Presence};
-use sotto::peer::agent::{Agent, AgentConfig};
 use sotto::peer::session::{Dial, PeerMessage, Transport, ALPN as PEER_ALPN, MAX_HANDSHAKE_MESSAGE, MAX_NOISE_MESSAGE};
 use sotto::presence::{PresenceRecord, SignedPresence, RECORD_VERSION};
 use sotto::rendezvous::accounts::PasswordCost;
@@ -26,11 +24,9 @@ use sotto::rendezvous::client::{ClientError, RendezvousClient};
 use sotto::rendezvous::limit::Rate;
 use sotto::rendezvous::node::{Node, NodeConfig};
 use sotto::rendezvous::proto::{Refusal, MAX_FRAME};
-use sotto::store::{SledStore, Store};
-use sotto::tls::{self, CertKey};
+use sotto::tls;
 use sotto::username::Username;
 use sotto::wire::{encode_frame, frame_len, HEADER_LEN};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 const PASSWORD: &str = "correct horse battery";
@@ -456,50 +452,12 @@ async fn a_connection_and_stream_flood_keeps_node_memory_bounded() {
 // ---------------------------------------------------------------------------------
 // Peer: a node, alice and bob as agents
 
-struct World {
-    _dir: tempfile::TempDir,
-    alice: Arc<Identity>,
-    alice_agent: Agent,
-    bob_agent: Agent,
-    bob_addr: SocketAddr,
-    bob_cert: [u8; 32],
-    bob_noise: sotto::keys::NoiseKey,
-    _stop: watch::Sender<bool>,
-}
+type World = common::PeerWorld;
 
-/// A node; alice and bob registered; bob online; alice has sent bob one message.
+/// A node; alice and bob registered; bob online; alice has sent bob one message, so
+/// bob has pinned her key.
 async fn world() -> World {
-    let dir = tempfile::tempdir().unwrap();
-    let server = common::node_in_process(dir.path()).await;
-    let (alice, bob) = (Arc::new(Identity::generate()), Arc::new(Identity::generate()));
-    for (id, user) in [(&alice, "alice"), (&bob, "bob")] {
-        let c = RendezvousClient::connect(&server).await.unwrap();
-        c.register(id, &name(user), PASSWORD).await.unwrap();
-        c.close().await;
-    }
-    let agent = |id: &Arc<Identity>, user: &str| {
-        let home = dir.path().join(user);
-        let cert = CertKey::load_or_create(&home.join("peer"), "sotto-peer").unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&home.join("db")).unwrap());
-        let listen = SocketAddr::from((HONEST, 0));
-        let agent = Agent::start(id.clone(), store, &cert, AgentConfig { username: name(user), server: server.clone(), listen });
-        (agent.unwrap(), cert.sha256())
-    };
-    let (bob_agent, bob_cert) = agent(&bob, "bob");
-    let (alice_agent, _) = agent(&alice, "alice");
-    let bob_addr = bob_agent.local_addr().unwrap();
-    let presence = Presence { server: server.clone(), username: name("bob"), addrs: vec![bob_addr], cert_sha256: bob_cert, ttl: 60 };
-    let (stop, stopped) = watch::channel(false);
-    let bob_id = bob.clone();
-    tokio::spawn(async move { online::stay_online(&bob_id, &presence, stopped, |_| {}).await });
-    for _ in 0..50 {
-        if alice_agent.lookup(&name("bob")).await.is_ok_and(|v| v.presence.is_some()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    alice_agent.send(&name("bob"), "first contact").await.unwrap();
-    World { _dir: dir, alice, alice_agent, bob_agent, bob_addr, bob_cert, bob_noise: bob.noise.public(), _stop: stop }
+    common::peer_world(HONEST.into()).await
 }
 
 impl World {

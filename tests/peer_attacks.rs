@@ -3,78 +3,26 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::node_in_process;
-use sotto::address::ServerAddress;
 use sotto::clock::unix_now_ns;
 use sotto::keys::Identity;
-use sotto::online::{self, Presence};
-use sotto::peer::agent::{Agent, AgentConfig, AgentEvent};
+use sotto::peer::agent::AgentEvent;
 use sotto::peer::session::{Dial, ALPN, MAX_HANDSHAKE_MESSAGE};
-use sotto::rendezvous::client::RendezvousClient;
-use sotto::store::{SledStore, Store};
-use sotto::tls::{self, CertKey};
+use sotto::tls;
 use sotto::username::Username;
 use sotto::wire::{encode_frame, frame_len, HEADER_LEN};
-use tokio::sync::watch;
 
 fn name(s: &str) -> Username {
     Username::parse(s).unwrap()
 }
 
-struct World {
-    _dir: tempfile::TempDir,
-    server: ServerAddress,
-    alice: Arc<Identity>,
-    bob_agent: Agent,
-    bob_addr: SocketAddr,
-    bob_cert: [u8; 32],
-    bob_noise: sotto::keys::NoiseKey,
-    alice_agent: Agent,
-    _stop: watch::Sender<bool>,
-}
+type World = common::PeerWorld;
 
 /// A node; alice and bob registered; bob online; alice has sent bob one message, so
 /// bob has pinned her key.
 async fn world() -> World {
-    let dir = tempfile::tempdir().unwrap();
-    let server = node_in_process(dir.path()).await;
-
-    let (alice, bob) = (Arc::new(Identity::generate()), Arc::new(Identity::generate()));
-    for (id, user) in [(&alice, "alice"), (&bob, "bob")] {
-        let c = RendezvousClient::connect(&server).await.unwrap();
-        c.register(id, &name(user), "password123").await.unwrap();
-        c.close().await;
-    }
-    let agent = |id: &Arc<Identity>, user: &str| {
-        let home = dir.path().join(user);
-        let cert = CertKey::load_or_create(&home.join("peer"), "sotto-peer").unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&home.join("db")).unwrap());
-        let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
-        (
-            Agent::start(id.clone(), store, &cert, AgentConfig { username: name(user), server: server.clone(), listen }).unwrap(),
-            cert.sha256(),
-        )
-    };
-    let (bob_agent, bob_cert) = agent(&bob, "bob");
-    let (alice_agent, _) = agent(&alice, "alice");
-    let bob_addr = bob_agent.local_addr().unwrap();
-    let presence = Presence { server: server.clone(), username: name("bob"), addrs: vec![bob_addr], cert_sha256: bob_cert, ttl: 60 };
-    let (stop, stopped) = watch::channel(false);
-    let bob_for_presence = bob.clone();
-    tokio::spawn(async move { online::stay_online(&bob_for_presence, &presence, stopped, |_| {}).await });
-    // Wait until bob's record is visible, then make first contact.
-    for _ in 0..50 {
-        if alice_agent.lookup(&name("bob")).await.is_ok_and(|v| v.presence.is_some()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    alice_agent.send(&name("bob"), "first contact").await.unwrap();
-    World { _dir: dir, server, alice, bob_noise: bob.noise.public(), bob_agent, bob_addr, bob_cert, alice_agent, _stop: stop }
+    common::peer_world([127, 0, 0, 1].into()).await
 }
 
 /// Dials bob over QUIC with his pinned certificate and sends `frames` on one stream;

@@ -201,3 +201,61 @@ pub async fn node_in_process(dir: &Path) -> sotto::address::ServerAddress {
     tokio::spawn(node.run(std::future::pending()));
     server
 }
+
+/// A node and two running agents in this process: alice and bob registered, bob's
+/// agent listening on `bob_ip` and online, and one message sent from alice to bob, so
+/// the session is open and each side has pinned the other.
+pub struct PeerWorld {
+    pub dir: tempfile::TempDir,
+    pub server: sotto::address::ServerAddress,
+    pub alice: std::sync::Arc<sotto::keys::Identity>,
+    pub bob: std::sync::Arc<sotto::keys::Identity>,
+    pub alice_agent: sotto::peer::agent::Agent,
+    pub bob_agent: sotto::peer::agent::Agent,
+    pub bob_addr: std::net::SocketAddr,
+    pub bob_cert: [u8; 32],
+    pub bob_noise: sotto::keys::NoiseKey,
+    /// Ends bob's presence when dropped.
+    pub stop: tokio::sync::watch::Sender<bool>,
+}
+
+pub const WORLD_PASSWORD: &str = "password123";
+
+pub async fn peer_world(bob_ip: std::net::IpAddr) -> PeerWorld {
+    use sotto::peer::agent::{Agent, AgentConfig};
+    use sotto::store::{SledStore, Store};
+    use std::sync::Arc;
+    let name = |s: &str| sotto::username::Username::parse(s).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = node_in_process(dir.path()).await;
+    let (alice, bob) = (Arc::new(sotto::keys::Identity::generate()), Arc::new(sotto::keys::Identity::generate()));
+    for (id, user) in [(&alice, "alice"), (&bob, "bob")] {
+        let c = sotto::rendezvous::client::RendezvousClient::connect(&server).await.unwrap();
+        c.register(id, &name(user), WORLD_PASSWORD).await.unwrap();
+        c.close().await;
+    }
+    let agent = |id: &Arc<sotto::keys::Identity>, user: &str, ip: std::net::IpAddr| {
+        let home = dir.path().join(user);
+        let cert = sotto::tls::CertKey::load_or_create(&home.join("peer"), "sotto-peer").unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&home.join("db")).unwrap());
+        let config = AgentConfig { username: name(user), server: server.clone(), listen: (ip, 0).into() };
+        (Agent::start(id.clone(), store, &cert, config).unwrap(), cert.sha256())
+    };
+    let (bob_agent, bob_cert) = agent(&bob, "bob", bob_ip);
+    let (alice_agent, _) = agent(&alice, "alice", [127, 0, 0, 1].into());
+    let bob_addr = bob_agent.local_addr().unwrap();
+    let presence =
+        sotto::online::Presence { server: server.clone(), username: name("bob"), addrs: vec![bob_addr], cert_sha256: bob_cert, ttl: 60 };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let bob_online = bob.clone();
+    tokio::spawn(async move { sotto::online::stay_online(&bob_online, &presence, stopped, |_| {}).await });
+    // Wait until bob's record is visible, then make first contact.
+    for _ in 0..100 {
+        if alice_agent.lookup(&name("bob")).await.is_ok_and(|v| v.presence.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    alice_agent.send(&name("bob"), "first contact").await.expect("first contact");
+    PeerWorld { dir, server, bob_noise: bob.noise.public(), alice, bob, alice_agent, bob_agent, bob_addr, bob_cert, stop }
+}
