@@ -150,11 +150,14 @@ async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>) {
         let response = if oversized {
             error_response(Value::Null, &RpcError { code: INVALID_REQUEST, message: "request too large".into(), exit: ExitClass::Usage })
         } else if let Some((id, events)) = subscription(&*handler, &line) {
-            // Forward events from now on; answer first so the client sees the result
-            // before the first notification.
-            let answer = json!({ "jsonrpc": "2.0", "id": id, "result": { "subscribed": events.is_some() } });
-            if write_line(&write, &answer).await.is_err() {
-                break;
+            // Forward events from now on; answer first (unless it came as a
+            // notification, which gets no answer) so the client sees the result before
+            // the first event.
+            if let Some(id) = id {
+                let answer = json!({ "jsonrpc": "2.0", "id": id, "result": { "subscribed": events.is_some() } });
+                if write_line(&write, &answer).await.is_err() {
+                    break;
+                }
             }
             if let (Some(events), None) = (events, &forwarder) {
                 forwarder = Some(tokio::spawn(forward(events, write.clone())));
@@ -183,15 +186,18 @@ async fn write_line(write: &tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>
     write.lock().await.write_all(&out).await
 }
 
+/// A `subscribe` request's id (`None` for a notification) and the handler's events.
+type Subscription = (Option<Value>, Option<tokio::sync::broadcast::Receiver<Value>>);
+
 /// If `line` is a `subscribe` request: its id and the handler's events.
-fn subscription<H: Handler>(handler: &H, line: &[u8]) -> Option<(Value, Option<tokio::sync::broadcast::Receiver<Value>>)> {
+fn subscription<H: Handler>(handler: &H, line: &[u8]) -> Option<Subscription> {
     let request: Value = serde_json::from_slice(line).ok()?;
     if request.get("jsonrpc")?.as_str()? != "2.0" || request.get("method")?.as_str()? != "subscribe" {
         return None;
     }
-    let id = request.get("id").cloned().unwrap_or(Value::Null);
+    let id = request.get("id").cloned();
     // Any other id makes it an invalid request, which `answer` refuses.
-    if !(id.is_number() || id.is_string() || id.is_null()) {
+    if id.as_ref().is_some_and(|id| !(id.is_number() || id.is_string() || id.is_null())) {
         return None;
     }
     Some((id, handler.events()))
@@ -372,6 +378,14 @@ mod tests {
         write.write_all(b"{\"jsonrpc\":\"1.0\",\"id\":3,\"method\":\"echo\"}\n").await.unwrap();
         let v: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
         assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(3), json!(INVALID_REQUEST)));
+        // `subscribe` as a notification: no answer, but the events come.
+        write.write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"subscribe\"}\n").await.unwrap();
+        write.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"echo\",\"params\":[]}\n").await.unwrap();
+        let v: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(v["id"], 4, "the next line answers the next request: {v}");
+        events.send(json!({"event_id": 3, "type": "presence"})).unwrap();
+        let v: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert!(v.get("id").is_none() && v["params"]["event_id"] == 3, "{v}");
         write.write_all(&vec![b'x'; MAX_LINE + 10]).await.unwrap();
         let v: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
         assert_eq!(v["error"]["message"], "request too large");
