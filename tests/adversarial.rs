@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sotto::address::ServerAddress;
-use sotto::clock::{unix_now, unix_now_ns};
+use sotto::clock::unix_now;
 use sotto::keys::Identity;
-use sotto::peer::session::{Dial, PeerMessage, Transport, ALPN as PEER_ALPN, MAX_HANDSHAKE_MESSAGE, MAX_NOISE_MESSAGE};
+use sotto::peer::session::{PeerMessage, ALPN as PEER_ALPN, MAX_NOISE_MESSAGE};
 use sotto::presence::{PresenceRecord, SignedPresence, RECORD_VERSION};
 use sotto::rendezvous::accounts::PasswordCost;
 use sotto::rendezvous::client::{ClientError, RendezvousClient};
@@ -26,7 +26,7 @@ use sotto::rendezvous::node::{Node, NodeConfig};
 use sotto::rendezvous::proto::{Refusal, MAX_FRAME};
 use sotto::tls;
 use sotto::username::Username;
-use sotto::wire::{encode_frame, frame_len, HEADER_LEN};
+use sotto::wire::encode_frame;
 use tokio::task::JoinSet;
 
 const PASSWORD: &str = "correct horse battery";
@@ -483,34 +483,7 @@ impl World {
     }
 }
 
-/// A session with bob made by hand as alice, for sending what a real client would not.
-struct RawSession {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    transport: Transport,
-}
-
-async fn raw_session(w: &World) -> RawSession {
-    let (dial, preamble, msg1) = Dial::start(&w.alice, &name("alice"), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
-    let endpoint = endpoint_at(HONEST);
-    let conn = w.dial_from(&endpoint).await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&encode_frame(&preamble)).await.unwrap();
-    send.write_all(&encode_frame(&msg1)).await.unwrap();
-    let msg2 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await;
-    let transport = dial.finish(&msg2).unwrap();
-    RawSession { _endpoint: endpoint, conn, send, recv, transport }
-}
-
-async fn read_frame(recv: &mut quinn::RecvStream, cap: usize) -> Vec<u8> {
-    let mut header = [0u8; HEADER_LEN];
-    recv.read_exact(&mut header).await.unwrap();
-    let mut body = vec![0u8; frame_len(header, cap).unwrap()];
-    recv.read_exact(&mut body).await.unwrap();
-    body
-}
+use common::{raw_session, read_frame, RawSession};
 
 fn chat(id: u8, body: &str) -> PeerMessage {
     PeerMessage::Chat { id: [id; 16], sent_at: 1, body: body.into() }

@@ -76,14 +76,7 @@ impl Flow {
     /// A `sotto` command with a clean environment, this flow's verbosity and runtime
     /// dir, and its output going to two new files.
     fn command(&mut self, what: &str, home: Option<&Path>, args: &[&str], bodies_expected_on_stdout: bool) -> (Command, PathBuf) {
-        let mut cmd = Command::new(BIN);
-        cmd.env_remove("SOTTO_HOME")
-            .env_remove("SOTTO_PASSPHRASE_FILE")
-            .env_remove("SOTTO_LOG")
-            .env_remove("SOTTO_CONFIG")
-            .env("NO_COLOR", "1")
-            .env("XDG_RUNTIME_DIR", self.root.join("run"))
-            .env("XDG_CONFIG_HOME", self.root.join("no-config"));
+        let mut cmd = clean_command(&self.root);
         self.verbosity.apply(&mut cmd);
         if let Some(home) = home {
             cmd.arg("--home").arg(home);
@@ -531,8 +524,9 @@ fn debug_of_secret_holders_prints_no_secret() {
     }
 }
 
-/// Runs `sotto` to its end with a clean environment; status and standard error.
-fn sotto_err(root: &Path, home: Option<&Path>, args: &[&str]) -> (ExitStatus, String) {
+/// `sotto` with nothing from the machine's environment: its runtime and config
+/// directories under `root`.
+fn clean_command(root: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_remove("SOTTO_HOME")
         .env_remove("SOTTO_PASSPHRASE_FILE")
@@ -541,6 +535,12 @@ fn sotto_err(root: &Path, home: Option<&Path>, args: &[&str]) -> (ExitStatus, St
         .env("NO_COLOR", "1")
         .env("XDG_RUNTIME_DIR", root.join("run"))
         .env("XDG_CONFIG_HOME", root.join("no-config"));
+    cmd
+}
+
+/// Runs `sotto` to its end with a clean environment; status and standard error.
+fn sotto_err(root: &Path, home: Option<&Path>, args: &[&str]) -> (ExitStatus, String) {
+    let mut cmd = clean_command(root);
     if let Some(home) = home {
         cmd.arg("--home").arg(home);
     }

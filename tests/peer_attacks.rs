@@ -46,37 +46,7 @@ async fn raw_dial(w: &World, frames: &[Vec<u8>]) -> Option<Vec<u8>> {
     tokio::time::timeout(Duration::from_secs(5), answer).await.ok().flatten()
 }
 
-/// A session with bob made by hand as alice, for sending what a real client would not.
-struct RawSession {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    transport: sotto::peer::session::Transport,
-}
-
-async fn raw_session(w: &World) -> RawSession {
-    let (dial, preamble, msg1) = Dial::start(&w.alice, &name("alice"), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
-    let (config, _) = tls::client_config(w.bob_cert, ALPN).unwrap();
-    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
-    endpoint.set_default_client_config(config);
-    let conn = endpoint.connect(w.bob_addr, "sotto-peer").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&encode_frame(&preamble)).await.unwrap();
-    send.write_all(&encode_frame(&msg1)).await.unwrap();
-    let msg2 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await;
-    let transport = dial.finish(&msg2).unwrap();
-    RawSession { _endpoint: endpoint, conn, send, recv, transport }
-}
-
-/// Reads one frame of at most `cap` bytes.
-async fn read_frame(recv: &mut quinn::RecvStream, cap: usize) -> Vec<u8> {
-    let mut header = [0u8; HEADER_LEN];
-    recv.read_exact(&mut header).await.unwrap();
-    let mut body = vec![0u8; frame_len(header, cap).unwrap()];
-    recv.read_exact(&mut body).await.unwrap();
-    body
-}
+use common::{raw_session, read_frame, RawSession};
 
 #[tokio::test]
 async fn an_unvouched_dialer_claiming_a_contact_raises_no_key_change() {

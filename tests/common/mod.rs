@@ -259,3 +259,38 @@ pub async fn peer_world(bob_ip: std::net::IpAddr) -> PeerWorld {
     alice_agent.send(&name("bob"), "first contact").await.expect("first contact");
     PeerWorld { dir, server, bob_noise: bob.noise.public(), alice, bob, alice_agent, bob_agent, bob_addr, bob_cert, stop }
 }
+
+/// A session with bob made by hand as alice, for sending what a real client would not.
+pub struct RawSession {
+    pub _endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub transport: sotto::peer::session::Transport,
+}
+
+/// Dials bob from 127.0.0.1 and runs alice's side of the handshake by hand.
+pub async fn raw_session(w: &PeerWorld) -> RawSession {
+    use sotto::peer::session::{Dial, ALPN, MAX_HANDSHAKE_MESSAGE};
+    let name = |s: &str| sotto::username::Username::parse(s).unwrap();
+    let (dial, preamble, msg1) = Dial::start(&w.alice, &name("alice"), &name("bob"), &w.bob_noise, sotto::clock::unix_now_ns()).unwrap();
+    let (config, _) = sotto::tls::client_config(w.bob_cert, ALPN).unwrap();
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(w.bob_addr, "sotto-peer").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&sotto::wire::encode_frame(&preamble)).await.unwrap();
+    send.write_all(&sotto::wire::encode_frame(&msg1)).await.unwrap();
+    let msg2 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await;
+    let transport = dial.finish(&msg2).unwrap();
+    RawSession { _endpoint: endpoint, conn, send, recv, transport }
+}
+
+/// Reads one frame of at most `cap` bytes.
+pub async fn read_frame(recv: &mut quinn::RecvStream, cap: usize) -> Vec<u8> {
+    let mut header = [0u8; sotto::wire::HEADER_LEN];
+    recv.read_exact(&mut header).await.unwrap();
+    let mut body = vec![0u8; sotto::wire::frame_len(header, cap).unwrap()];
+    recv.read_exact(&mut body).await.unwrap();
+    body
+}
