@@ -139,6 +139,13 @@ struct Outgoing {
     acked: oneshot::Sender<()>,
 }
 
+/// The dialling state of one peer, held by the sender whose turn it is to dial.
+#[derive(Default)]
+struct DialTurn {
+    /// When the last dial failed, and why.
+    last_failure: Option<(std::time::Instant, String)>,
+}
+
 /// A sent message whose ack the session is waiting for.
 struct Waiting {
     stored_at: u64,
@@ -155,7 +162,7 @@ struct Inner {
     /// One dial per peer at a time: senders that find no session queue here and use
     /// the one the first of them opened, instead of racing it with dials of their own
     /// (each new session replaces, and so closes, the one before).
-    dialing: Mutex<HashMap<Username, Arc<tokio::sync::Mutex<()>>>>,
+    dialing: Mutex<HashMap<Username, Arc<tokio::sync::Mutex<DialTurn>>>>,
     events: broadcast::Sender<AgentEvent>,
     next_session: AtomicU64,
     last_timestamp: AtomicU64,
@@ -311,19 +318,35 @@ impl Agent {
             debug!(peer = %msg.peer, "session failed; dialing again");
             failed = Some(session.id);
         }
+        let unreachable = |reason| SendError::Unreachable { user: msg.peer.clone(), reason };
         let gate = lock(&self.inner.dialing).entry(msg.peer.clone()).or_default().clone();
-        let _turn = gate.lock().await;
-        // Another sender (or the peer) may have opened a session while we waited.
-        if let Some(session) = session_now().filter(|s| Some(s.id) != failed) {
-            if push(&session, chat.clone(), msg).await.is_ok() {
-                return Ok(());
+        let waiting_since = std::time::Instant::now();
+        let session = {
+            let mut turn = gate.lock().await;
+            // Another sender (or the peer) may have opened a session while we waited.
+            match session_now().filter(|s| Some(s.id) != failed) {
+                Some(session) => session,
+                None => {
+                    // The dial we waited for failed: its answer is ours too, rather than
+                    // each waiting sender timing out on a dial of its own in turn.
+                    if let Some((at, reason)) = &turn.last_failure {
+                        if *at >= waiting_since {
+                            return Err(unreachable(reason.clone()));
+                        }
+                    }
+                    let verified = self.resolve(&msg.peer).await?;
+                    let record = verified.presence.ok_or_else(|| SendError::Offline(msg.peer.clone()))?;
+                    match dial(&self.inner, &msg.peer, &record).await {
+                        Ok(session) => session,
+                        Err(reason) => {
+                            turn.last_failure = Some((std::time::Instant::now(), reason.clone()));
+                            return Err(unreachable(reason));
+                        }
+                    }
+                }
             }
-        }
-        let verified = self.resolve(&msg.peer).await?;
-        let record = verified.presence.ok_or_else(|| SendError::Offline(msg.peer.clone()))?;
-        let session =
-            dial(&self.inner, &msg.peer, &record).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })?;
-        push(&session, chat, msg).await.map_err(|reason| SendError::Unreachable { user: msg.peer.clone(), reason })
+        };
+        push(&session, chat, msg).await.map_err(unreachable)
     }
 
     /// Looks `user` up, verifies the answer, and checks it against the pinned contact
