@@ -5,31 +5,30 @@
 //! `sotto up` runs one for as long as it stays online; `sotto send` without a running
 //! node runs one for a single message.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::session::{
-    encode_chat, Answer, Dial, PeerMessage, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE, MAX_NOISE_MESSAGE,
-};
+use super::session::{encode_chat, Answer, Dial, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE};
 use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
 use crate::presence::PresenceRecord;
-use crate::quic::{read_frame, write_frame, FrameReader, WRITE_TIMEOUT};
+use crate::quic::{read_frame, write_frame};
 use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, WatchEvent, LOOKUP_SKEW};
 use crate::rendezvous::proto::Refusal;
-use crate::store::{durable, Contact, Direction, Durability, MessageRef, State, Store, StoreError, StoredMessage};
+use crate::store::{durable, Contact, Direction, State, Store, StoreError, StoredMessage};
 use crate::tls::{self, CertKey};
 use crate::username::Username;
-use crate::wire::encode_message;
+
+mod live;
+use live::start_session;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -747,196 +746,4 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
     durable(inner.store.as_ref(), inner.store.written()).await.map_err(|e| e.to_string())?;
     write_frame(&mut send, &msg2).await?;
     Ok((dialer, transport, send, recv))
-}
-
-fn start_session(
-    inner: &Arc<Inner>,
-    peer: Username,
-    conn: quinn::Connection,
-    transport: Transport,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    dialed: bool,
-) -> SessionHandle {
-    let (outgoing, queue) = mpsc::channel(SESSION_QUEUE);
-    let handle = SessionHandle { id: inner.next_session.fetch_add(1, Ordering::Relaxed), conn: conn.clone(), outgoing };
-    if let Some(old) = lock(&inner.sessions).insert(peer.clone(), handle.clone()) {
-        old.conn.close(0u32.into(), b"replaced by a newer session");
-    }
-    debug!(%peer, dialed, "session open");
-    let _ = inner.events.send(AgentEvent::SessionOpened { peer: peer.clone(), dialed });
-    tokio::spawn(run_session(inner.clone(), peer, handle.id, conn, transport, send, recv, queue));
-    handle
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_session(
-    inner: Arc<Inner>,
-    peer: Username,
-    session_id: u64,
-    conn: quinn::Connection,
-    mut transport: Transport,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    mut queue: mpsc::Receiver<Outgoing>,
-) {
-    // Frames are read by their own task: reading is not cancel-safe inside select!.
-    // It hands on every frame that one piece of the stream completed, together.
-    let (frames_tx, mut incoming) = mpsc::channel::<Vec<Bytes>>(16);
-    let reader = tokio::spawn(async move {
-        let mut frames = FrameReader::new(MAX_NOISE_MESSAGE).with_frame_timeout(FRAME_TIMEOUT);
-        loop {
-            let mut batch = Vec::new();
-            if !matches!(frames.read(&mut recv, &mut batch).await, Ok(true)) || frames_tx.send(batch).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut waiting: HashMap<[u8; 16], Waiting> = HashMap::new();
-    // Acks owed for stored messages, oldest first, each sent once its flush is done.
-    let mut owed: VecDeque<(u64, [u8; 16])> = VecDeque::new();
-    let mut progress = inner.store.durability();
-    let mut prune_at = SESSION_QUEUE;
-    // Reused buffers: decrypted plaintext, and the frames of one write.
-    let (mut plain, mut out) = (Vec::new(), Vec::new());
-    let reason = loop {
-        tokio::select! {
-            batch = incoming.recv() => {
-                let Some(batch) = batch else { break "stream ended".to_string() };
-                let mut failed = None;
-                for frame in batch {
-                    let message = match transport.open_with(&frame, &mut plain) {
-                        Ok(m) => m,
-                        Err(e) => { failed = Some(e.to_string()); break }
-                    };
-                    match handle_message(&inner, &peer, message, &mut waiting) {
-                        Ok(Some(owed_ack)) => owed.push_back(owed_ack),
-                        Ok(None) => {}
-                        Err(e) => { failed = Some(e); break }
-                    }
-                }
-                if let Some(e) = failed { break e }
-                let done = *progress.borrow_and_update();
-                if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send, &mut out).await { break e }
-            }
-            changed = progress.changed(), if !owed.is_empty() => {
-                if changed.is_err() { break "history database closed".to_string() }
-                let done = *progress.borrow_and_update();
-                if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send, &mut out).await { break e }
-            }
-            first = queue.recv() => {
-                let Some(first) = first else { break "closed".to_string() };
-                // Everything queued meanwhile goes out in the same write.
-                let mut next = Some(first);
-                let mut sealed = Ok(());
-                while let Some(o) = next.take() {
-                    sealed = transport.seal_frame(&o.plain, &mut out);
-                    if sealed.is_err() {
-                        break;
-                    }
-                    // Senders that gave up leave closed channels behind: drop them.
-                    if waiting.len() >= prune_at {
-                        waiting.retain(|_, w| !w.acked.is_closed());
-                        prune_at = (waiting.len() * 2).max(SESSION_QUEUE);
-                    }
-                    waiting.insert(o.id, Waiting { stored_at: o.stored_at, acked: o.acked });
-                    if out.len() < WRITE_BATCH {
-                        next = queue.try_recv().ok();
-                    }
-                }
-                if let Err(e) = sealed { break e.to_string() }
-                if let Err(e) = write_all(&mut send, &mut out).await { break e }
-            }
-        }
-    };
-    debug!(%peer, %reason, "session closed");
-    reader.abort();
-    conn.close(0u32.into(), b"session closed");
-    {
-        let mut sessions = lock(&inner.sessions);
-        if sessions.get(&peer).is_some_and(|s| s.id == session_id) {
-            sessions.remove(&peer);
-        }
-    }
-    let _ = inner.events.send(AgentEvent::SessionClosed { peer });
-}
-
-/// Sends the acks whose messages are on disk, in order, in one write; an ack whose
-/// flush failed is never sent, and ends the session (the sender will retry).
-async fn send_acks(
-    owed: &mut VecDeque<(u64, [u8; 16])>,
-    done: Durability,
-    transport: &mut Transport,
-    send: &mut quinn::SendStream,
-    out: &mut Vec<u8>,
-) -> Result<(), String> {
-    while let Some(&(point, id)) = owed.front() {
-        match done.covers(point) {
-            None => break,
-            Some(Err(e)) => return Err(e.to_string()),
-            Some(Ok(())) => {
-                owed.pop_front();
-                transport.seal_frame(&encode_message(&PeerMessage::Ack { id }), out).map_err(|e| e.to_string())?;
-            }
-        }
-    }
-    write_all(send, out).await
-}
-
-/// Writes and empties `out` (nothing to do when it is empty), giving up if the other
-/// side does not take it within [`WRITE_TIMEOUT`].
-async fn write_all(send: &mut quinn::SendStream, out: &mut Vec<u8>) -> Result<(), String> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    let written = tokio::time::timeout(WRITE_TIMEOUT, send.write_all(out)).await;
-    out.clear();
-    match written {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the other side stopped reading".into()),
-    }
-}
-
-/// Applies one decrypted message; for a stored message, returns the commit point to
-/// wait for and the id to acknowledge then.
-fn handle_message(
-    inner: &Inner,
-    peer: &Username,
-    message: PeerMessage,
-    waiting: &mut HashMap<[u8; 16], Waiting>,
-) -> Result<Option<(u64, [u8; 16])>, String> {
-    match message {
-        PeerMessage::Chat { id, sent_at, body } => {
-            if body.len() > MAX_BODY {
-                return Err("oversized message".into());
-            }
-            let msg = StoredMessage {
-                id,
-                peer: peer.clone(),
-                direction: Direction::In,
-                body,
-                sent_at,
-                stored_at: unix_now_ms(),
-                state: State::Received,
-            };
-            // Store, and ack only once it is on disk; a resend with the same id is stored
-            // once, and acked once whatever it was stored with is on disk.
-            let added = inner.store.insert(&msg).map_err(|e| e.to_string())?;
-            if added {
-                let _ = inner.events.send(AgentEvent::Received(msg));
-            }
-            Ok(Some((inner.store.written(), id)))
-        }
-        PeerMessage::Ack { id } => {
-            if let Some(Waiting { stored_at, acked }) = waiting.remove(&id) {
-                let at = MessageRef { peer: peer.clone(), direction: Direction::Out, stored_at, id };
-                inner.store.set_state(&at, State::Delivered).map_err(|e| e.to_string())?;
-                let _ = inner.events.send(AgentEvent::Delivered { peer: peer.clone(), id });
-                let _ = acked.send(());
-            }
-            Ok(None)
-        }
-        PeerMessage::Unknown => Ok(None),
-    }
 }
