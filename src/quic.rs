@@ -36,6 +36,9 @@ pub async fn write_frame(send: &mut quinn::SendStream, payload: &[u8]) -> Result
 /// into a buffer sized from its checked length, never more.
 pub struct FrameReader {
     cap: usize,
+    /// Shortest frame accepted: a flood of tiny frames could otherwise hold far more
+    /// memory in frame handles than it took bytes on the wire.
+    min: usize,
     partial: bytes::BytesMut,
     /// Time the rest of a frame has once its first byte has arrived.
     frame_timeout: Option<Duration>,
@@ -45,7 +48,14 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(cap: usize) -> Self {
-        Self { cap, partial: bytes::BytesMut::new(), frame_timeout: None, deadline: None }
+        Self { cap, min: 0, partial: bytes::BytesMut::new(), frame_timeout: None, deadline: None }
+    }
+
+    /// Refuses frames shorter than `min` bytes (for Noise transport messages, the
+    /// 16-byte tag: nothing shorter can be one).
+    pub fn with_min_len(mut self, min: usize) -> Self {
+        self.min = min;
+        self
     }
 
     /// Once a frame has begun, the rest must arrive within `limit`: a peer that starts
@@ -122,7 +132,11 @@ impl FrameReader {
     }
 
     fn len_of(&self, bytes: &[u8]) -> Result<usize, String> {
-        frame_len(bytes[..HEADER_LEN].try_into().expect("a whole header"), self.cap).map_err(|e| e.to_string())
+        let len = frame_len(bytes[..HEADER_LEN].try_into().expect("a whole header"), self.cap).map_err(|e| e.to_string())?;
+        if len < self.min {
+            return Err(format!("a {len}-byte frame; the shortest is {}", self.min));
+        }
+        Ok(len)
     }
 }
 
@@ -180,6 +194,19 @@ mod tests {
         let mut plain = FrameReader::new(100);
         plain.split(bytes::Bytes::copy_from_slice(&bytes[..2]), &mut frames).unwrap();
         assert_eq!(plain.deadline, None, "no limit unless asked for");
+    }
+
+    #[test]
+    fn frames_shorter_than_the_minimum_are_refused() {
+        let mut frames = Vec::new();
+        let mut reader = FrameReader::new(100).with_min_len(16);
+        assert!(reader.split(bytes::Bytes::from(stream(&[&[1u8; 16]])), &mut frames).is_ok());
+        assert!(reader.split(bytes::Bytes::from(stream(&[&[1u8; 15]])), &mut frames).is_err());
+        let mut split_header = FrameReader::new(100).with_min_len(16);
+        let empty = stream(&[b""]);
+        assert!(split_header.split(bytes::Bytes::copy_from_slice(&empty[..2]), &mut frames).is_ok());
+        assert!(split_header.split(bytes::Bytes::copy_from_slice(&empty[2..]), &mut frames).is_err());
+        assert_eq!(frames.len(), 1, "only the 16-byte frame came through");
     }
 
     #[test]

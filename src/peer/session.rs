@@ -31,7 +31,9 @@ pub const PREAMBLE_VERSION: u8 = 1;
 /// Largest Noise message (the spec's limit).
 pub const MAX_NOISE_MESSAGE: usize = 65_535;
 /// Largest plaintext in one transport message.
-pub const MAX_PLAINTEXT: usize = MAX_NOISE_MESSAGE - 16;
+pub const MAX_PLAINTEXT: usize = MAX_NOISE_MESSAGE - NOISE_TAG_LEN;
+/// The authentication tag every transport message carries: none is shorter.
+pub const NOISE_TAG_LEN: usize = 16;
 /// Largest chat body, in bytes, so a `Chat` always fits one transport message.
 pub const MAX_BODY: usize = 60_000;
 /// Largest handshake message (Noise message 1 is about 200 bytes; 2 is 48).
@@ -285,7 +287,7 @@ impl Transport {
             return Err(SessionError::TooLarge);
         }
         let start = out.len();
-        out.resize(start + HEADER_LEN + plain.len() + 16, 0);
+        out.resize(start + HEADER_LEN + plain.len() + NOISE_TAG_LEN, 0);
         let sealed = self.state.write_message(plain, &mut out[start + HEADER_LEN..]);
         let Ok(n) = sealed else {
             out.truncate(start);

@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::{lock, AgentEvent, Inner, Outgoing, SessionHandle, Waiting, FRAME_TIMEOUT, SESSION_QUEUE, WRITE_BATCH};
 use crate::clock::unix_now_ms;
-use crate::peer::session::{PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
+use crate::peer::session::{PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE, NOISE_TAG_LEN};
 use crate::quic::{FrameReader, WRITE_TIMEOUT};
 use crate::store::{Direction, Durability, MessageRef, State, StoredMessage};
 use crate::username::Username;
@@ -54,7 +54,7 @@ async fn run_session(
     // It hands on every frame that one piece of the stream completed, together.
     let (frames_tx, mut incoming) = mpsc::channel::<Vec<Bytes>>(16);
     let reader = tokio::spawn(async move {
-        let mut frames = FrameReader::new(MAX_NOISE_MESSAGE).with_frame_timeout(FRAME_TIMEOUT);
+        let mut frames = FrameReader::new(MAX_NOISE_MESSAGE).with_min_len(NOISE_TAG_LEN).with_frame_timeout(FRAME_TIMEOUT);
         loop {
             let mut batch = Vec::new();
             if !matches!(frames.read(&mut recv, &mut batch).await, Ok(true)) || frames_tx.send(batch).await.is_err() {
