@@ -125,26 +125,24 @@ async fn round_trip(w: &PeerWorld, scale: Scale) {
     let body = "x".repeat(100);
     let bob = name("bob");
     let (mut sotto_all, mut raw_all, mut sotto_p50s, mut raw_p50s) = (Samples::new(), Samples::new(), Samples::new(), Samples::new());
-    // Warm-up, then interleaved repetitions so both sides see the same machine.
+    // Warm-up, then repetitions.
     for _ in 0..per_rep / 4 {
         w.alice_agent.send(&bob, &body).await.unwrap();
     }
-    for rep in 0..reps {
-        let mut s = Samples::new();
+    let mut buf = [0u8; 100];
+    send.write_all(&buf).await.unwrap();
+    recv.read_exact(&mut buf).await.unwrap();
+    for _ in 0..reps {
+        // One of each in turn, so both see the same moment of a noisy machine.
+        let (mut s, mut r) = (Samples::new(), Samples::new());
         for _ in 0..per_rep {
             let t = Instant::now();
             w.alice_agent.send(&bob, &body).await.unwrap();
             s.push_duration_us(t.elapsed());
-        }
-        let mut r = Samples::new();
-        let mut buf = [0u8; 100];
-        for _ in 0..per_rep {
             let t = Instant::now();
             send.write_all(&buf).await.unwrap();
             recv.read_exact(&mut buf).await.unwrap();
-            if rep > 0 || r.len() > 0 {
-                r.push_duration_us(t.elapsed());
-            }
+            r.push_duration_us(t.elapsed());
         }
         sotto_p50s.push(s.median());
         raw_p50s.push(r.median());

@@ -280,11 +280,13 @@ impl Agent {
         };
         let store = &self.inner.store;
         store.insert(&msg)?;
-        // The flusher starts on it now, while the message travels.
-        let stored = store.written();
-        // The session marks the message delivered when the ack arrives, before it
-        // wakes us; an ack that comes after we gave up still marks it delivered.
-        let outcome = self.deliver(&msg).await;
+        // The flusher starts on it as soon as the message is queued on a session (waking
+        // the flusher first would delay the message by as long), and flushes while the
+        // message travels. The session marks the message delivered when the ack arrives,
+        // just after it wakes us; an ack that comes after we gave up still marks it.
+        let mut stored = None;
+        let outcome = self.deliver(&msg, &mut || _ = *stored.get_or_insert_with(|| store.written())).await;
+        let stored = stored.unwrap_or_else(|| store.written());
         if outcome.is_err() && store.message(&msg.at())?.is_some_and(|m| m.state == State::Pending) {
             store.set_state(&msg.at(), State::Failed)?;
         }
@@ -305,13 +307,15 @@ impl Agent {
         }
     }
 
-    async fn deliver(&self, msg: &StoredMessage) -> Result<(), SendError> {
+    /// Puts `msg` on a session (dialling one if needed) and waits for its ack; calls
+    /// `queued` each time the message is handed to a session.
+    async fn deliver(&self, msg: &StoredMessage, queued: &mut (dyn FnMut() + Send)) -> Result<(), SendError> {
         let chat = encode_chat(&msg.id, msg.sent_at, &msg.body);
         let session_now = || lock(&self.inner.sessions).get(&msg.peer).cloned();
         let mut failed = None;
         if let Some(session) = session_now() {
             // A reused session may have died quietly; the same id makes a retry safe.
-            if push(&session, chat.clone(), msg).await.is_ok() {
+            if push(&session, chat.clone(), msg, queued).await.is_ok() {
                 return Ok(());
             }
             debug!(peer = %msg.peer, "session failed; dialing again");
@@ -345,7 +349,7 @@ impl Agent {
                 }
             }
         };
-        push(&session, chat, msg).await.map_err(unreachable)
+        push(&session, chat, msg, queued).await.map_err(unreachable)
     }
 
     /// Looks `user` up, verifies the answer, and checks it against the pinned contact
@@ -566,12 +570,14 @@ async fn watch_contacts(inner: Arc<Inner>) {
     }
 }
 
-/// Queues one message on a session and waits for its ack, all within [`ACK_TIMEOUT`].
-async fn push(session: &SessionHandle, plain: Vec<u8>, msg: &StoredMessage) -> Result<(), String> {
+/// Queues one message on a session, calls `queued`, and waits for the message's ack,
+/// all within [`ACK_TIMEOUT`].
+async fn push(session: &SessionHandle, plain: Vec<u8>, msg: &StoredMessage, queued: &mut (dyn FnMut() + Send)) -> Result<(), String> {
     let (id, stored_at) = (msg.id, msg.stored_at);
     let (acked, ack) = oneshot::channel();
     let attempt = async {
         session.outgoing.send(Outgoing { plain, id, stored_at, acked }).await.map_err(|_| "session closed".to_string())?;
+        queued();
         ack.await.map_err(|_| "session closed before the acknowledgement".to_string())
     };
     tokio::time::timeout(ACK_TIMEOUT, attempt).await.map_err(|_| "no acknowledgement in time".to_string())?
@@ -723,8 +729,13 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
     let contact = inner.store.contact(&dialer).map_err(|e| e.to_string())?.ok_or("contact missing")?;
     let last = (contact.last_handshake > 0).then_some(contact.last_handshake);
     let (transport, msg2) = answer.accept(&contact.identity_key, last, unix_now_ns()).map_err(|e: SessionError| e.to_string())?;
-    // Record the timestamp atomically and durably before answering, so a replay (now,
-    // concurrently, or after a restart) fails.
+    // Record the timestamp atomically before answering, so a replay (now or
+    // concurrently) fails. It reaches the disk with the session's first flush, before
+    // anything in the session is acknowledged, so a replay after a restart fails too;
+    // only a crash in the few milliseconds between this answer and that flush forgets
+    // it, and an initiation replayed then gets a message 2 nobody can use (finishing
+    // the handshake takes the dialer's ephemeral key). Not waiting for the disk here
+    // saves a flush on every first message.
     let mut refused = false;
     inner
         .store
@@ -743,7 +754,6 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
     if refused {
         return Err(SessionError::Replayed.to_string());
     }
-    durable(inner.store.as_ref(), inner.store.written()).await.map_err(|e| e.to_string())?;
     write_frame(&mut send, &msg2).await?;
     Ok((dialer, transport, send, recv))
 }

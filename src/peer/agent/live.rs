@@ -15,7 +15,7 @@ use super::{lock, AgentEvent, Inner, Outgoing, SessionHandle, Waiting, FRAME_TIM
 use crate::clock::unix_now_ms;
 use crate::peer::session::{PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE, NOISE_TAG_LEN};
 use crate::quic::{FrameReader, WRITE_TIMEOUT};
-use crate::store::{Direction, Durability, MessageRef, State, StoredMessage};
+use crate::store::{flush_in_place, Direction, Durability, MessageRef, State, StoredMessage};
 use crate::username::Username;
 use crate::wire::encode_message;
 
@@ -73,19 +73,29 @@ async fn run_session(
         tokio::select! {
             batch = incoming.recv() => {
                 let Some(batch) = batch else { break "stream ended".to_string() };
-                let mut failed = None;
+                let (mut failed, before) = (None, owed.len());
                 for frame in batch {
                     let message = match transport.open_with(&frame, &mut plain) {
                         Ok(m) => m,
                         Err(e) => { failed = Some(e.to_string()); break }
                     };
                     match handle_message(&inner, &peer, message, &mut waiting) {
-                        Ok(Some(owed_ack)) => owed.push_back(owed_ack),
+                        Ok(Some(id)) => owed.push_back((0, id)),
                         Ok(None) => {}
                         Err(e) => { failed = Some(e); break }
                     }
                 }
                 if let Some(e) = failed { break e }
+                if owed.len() > before {
+                    // One flush covers everything this batch stored.
+                    // With nothing else queued here, flushing on this thread saves the
+                    // hand-off to the flusher thread and back; under load the flusher
+                    // works alongside while this session reads on.
+                    let idle = incoming.is_empty() && queue.is_empty();
+                    let here = if idle { flush_in_place(inner.store.as_ref()) } else { None };
+                    let point = here.unwrap_or_else(|| inner.store.written());
+                    owed.iter_mut().skip(before).for_each(|(at, _)| *at = point);
+                }
                 let done = *progress.borrow_and_update();
                 if let Err(e) = send_acks(&mut owed, done, &mut transport, &mut send, &mut out).await { break e }
             }
@@ -168,14 +178,14 @@ async fn write_all(send: &mut quinn::SendStream, out: &mut Vec<u8>) -> Result<()
     }
 }
 
-/// Applies one decrypted message; for a stored message, returns the commit point to
-/// wait for and the id to acknowledge then.
+/// Applies one decrypted message; for a stored message, returns the id to acknowledge
+/// once it is on disk.
 fn handle_message(
     inner: &Inner,
     peer: &Username,
     message: PeerMessage,
     waiting: &mut HashMap<[u8; 16], Waiting>,
-) -> Result<Option<(u64, [u8; 16])>, String> {
+) -> Result<Option<[u8; 16]>, String> {
     match message {
         PeerMessage::Chat { id, sent_at, body } => {
             if body.len() > MAX_BODY {
@@ -196,14 +206,15 @@ fn handle_message(
             if added {
                 let _ = inner.events.send(AgentEvent::Received(msg));
             }
-            Ok(Some((inner.store.written(), id)))
+            Ok(Some(id))
         }
         PeerMessage::Ack { id } => {
             if let Some(Waiting { stored_at, acked }) = waiting.remove(&id) {
+                // The sender is woken first: the mark is written meanwhile.
+                let _ = acked.send(());
                 let at = MessageRef { peer: peer.clone(), direction: Direction::Out, stored_at, id };
                 inner.store.set_state(&at, State::Delivered).map_err(|e| e.to_string())?;
                 let _ = inner.events.send(AgentEvent::Delivered { peer: peer.clone(), id });
-                let _ = acked.send(());
             }
             Ok(None)
         }
