@@ -67,7 +67,8 @@ async fn run_session(
     let mut owed: VecDeque<(u64, [u8; 16])> = VecDeque::new();
     let mut progress = inner.store.durability();
     let mut prune_at = SESSION_QUEUE;
-    // Reused buffers: decrypted plaintext, and the frames of one write.
+    // Decrypted plaintext (a reused buffer), and the frames of one write (handed to the
+    // stream as they are).
     let (mut plain, mut out) = (Vec::new(), Vec::new());
     let reason = loop {
         tokio::select! {
@@ -163,14 +164,14 @@ async fn send_acks(
     write_all(send, out).await
 }
 
-/// Writes and empties `out` (nothing to do when it is empty), giving up if the other
-/// side does not take it within [`WRITE_TIMEOUT`].
+/// Hands `out` to the stream (nothing to do when it is empty) without copying it, and
+/// leaves it empty; gives up if the other side does not take it within
+/// [`WRITE_TIMEOUT`].
 async fn write_all(send: &mut quinn::SendStream, out: &mut Vec<u8>) -> Result<(), String> {
     if out.is_empty() {
         return Ok(());
     }
-    let written = tokio::time::timeout(WRITE_TIMEOUT, send.write_all(out)).await;
-    out.clear();
+    let written = tokio::time::timeout(WRITE_TIMEOUT, send.write_chunk(Bytes::from(std::mem::take(out)))).await;
     match written {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
