@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::wire::{encode_frame, frame_len, HEADER_LEN};
+use crate::wire::{frame_len, HEADER_LEN};
 
 /// Time a peer has to take one frame off our hands.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,7 +24,19 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, cap: usize) -> Result<Opti
 
 /// Writes one frame, giving up if the other side does not take it in time.
 pub async fn write_frame(send: &mut quinn::SendStream, payload: &[u8]) -> Result<(), String> {
-    match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(&encode_frame(payload))).await {
+    write_frames(send, &[payload]).await
+}
+
+/// Writes several frames with one write, giving up if the other side does not take
+/// them in time.
+pub async fn write_frames(send: &mut quinn::SendStream, payloads: &[&[u8]]) -> Result<(), String> {
+    let mut out = Vec::with_capacity(payloads.iter().map(|p| HEADER_LEN + p.len()).sum());
+    for payload in payloads {
+        let len = u32::try_from(payload.len()).map_err(|_| "a frame over 4 GiB".to_string())?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    match tokio::time::timeout(WRITE_TIMEOUT, send.write_chunk(out.into())).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("the other side stopped reading".into()),
@@ -143,6 +155,7 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::encode_frame;
 
     fn stream(bodies: &[&[u8]]) -> Vec<u8> {
         bodies.iter().flat_map(|b| encode_frame(b)).collect()

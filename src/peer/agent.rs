@@ -20,7 +20,7 @@ use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
 use crate::presence::PresenceRecord;
-use crate::quic::{read_frame, write_frame};
+use crate::quic::{read_frame, write_frame, write_frames};
 use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, WatchEvent, LOOKUP_SKEW};
 use crate::rendezvous::proto::Refusal;
 use crate::store::{durable, Contact, Direction, State, Store, StoreError, StoredMessage};
@@ -623,8 +623,8 @@ async fn dial(inner: &Arc<Inner>, peer: &Username, record: &PresenceRecord) -> R
         let ts = next_timestamp(inner);
         let (dial, preamble, msg1) =
             Dial::start(&inner.identity, &inner.config.username, peer, &record.noise.noise_key, ts).map_err(|e| e.to_string())?;
-        write_frame(&mut send, &preamble).await?;
-        write_frame(&mut send, &msg1).await?;
+        // Both frames in one write: one packet, one wake-up of the connection.
+        write_frames(&mut send, &[&preamble, &msg1]).await?;
         let msg2 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await?.ok_or("the peer closed the stream during the handshake")?;
         let transport = dial.finish(&msg2).map_err(|e| e.to_string())?;
         Ok::<_, String>((transport, send, recv))
