@@ -261,7 +261,7 @@ fn raw_sled_inserts(secs: f64) -> f64 {
 /// A Noise session pair made in memory with sotto's own handshake.
 fn session_pair() -> (Transport, Transport) {
     let (a, b) = (Identity::generate(), Identity::generate());
-    let (dial, preamble, msg1) = Dial::start(&a, &name("alice"), &name("bob"), &b.noise.public(), unix_now_ns()).unwrap();
+    let (dial, preamble, msg1) = Dial::start(&a, &name("alice"), &name("bob"), &b.noise().public(), unix_now_ns()).unwrap();
     let answer = Answer::read(&b, &name("bob"), &preamble, &msg1).unwrap();
     let (responder, msg2) = answer.accept(&a.public(), None, unix_now_ns()).unwrap();
     (dial.finish(&msg2).unwrap(), responder)

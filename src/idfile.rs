@@ -168,7 +168,7 @@ pub fn seal(identity: &Identity, passphrase: &[u8], kdf: KdfParams) -> Result<Ve
         salt: [0; 16],
         nonce: [0; 24],
         identity_key: *identity.public().as_bytes(),
-        noise_key: *identity.noise.public().as_bytes(),
+        noise_key: *identity.noise().public().as_bytes(),
     };
     OsRng.fill_bytes(&mut header.salt);
     OsRng.fill_bytes(&mut header.nonce);
@@ -187,8 +187,8 @@ pub fn seal_with(identity: &Identity, passphrase: &[u8], header: &Header) -> Res
     // Encrypted in place: the buffer holds the plaintext, then the ciphertext, and is
     // wiped when dropped either way.
     let mut buffer = Zeroizing::new([0u8; SECRETS_LEN]);
-    buffer[..32].copy_from_slice(identity.secret.seed().as_ref());
-    buffer[32..].copy_from_slice(identity.noise.as_bytes());
+    buffer[..32].copy_from_slice(identity.secret().seed().as_ref());
+    buffer[32..].copy_from_slice(identity.noise().as_bytes());
     let cipher = XChaCha20Poly1305::new(key.as_ref().into());
     let tag = cipher
         .encrypt_in_place_detached(XNonce::from_slice(&header.nonce), &aad, buffer.as_mut())
@@ -217,8 +217,8 @@ pub fn open(file: &[u8], passphrase: &[u8]) -> Result<Identity, IdFileError> {
     seed.copy_from_slice(&plaintext[..32]);
     let mut noise = Zeroizing::new([0u8; 32]);
     noise.copy_from_slice(&plaintext[32..]);
-    let identity = Identity { secret: IdentitySecret::from_seed(&seed), noise: NoiseSecret::from_bytes(&noise) };
-    if identity.public().as_bytes() != &header.identity_key || identity.noise.public().as_bytes() != &header.noise_key {
+    let identity = Identity::new(IdentitySecret::from_seed(&seed), NoiseSecret::from_bytes(&noise));
+    if identity.public().as_bytes() != &header.identity_key || identity.noise().public().as_bytes() != &header.noise_key {
         return Err(IdFileError::Inconsistent);
     }
     Ok(identity)
@@ -237,7 +237,7 @@ mod tests {
         assert_eq!(file.len(), FILE_LEN);
         let back = open(&file, b"correct horse").unwrap();
         assert_eq!(back.public(), id.public());
-        assert_eq!(back.noise.public(), id.noise.public());
+        assert_eq!(back.noise().public(), id.noise().public());
         assert_eq!(Header::parse(&file).unwrap().kdf, KdfParams::DEFAULT);
     }
 

@@ -190,17 +190,38 @@ impl NoiseBinding {
 
 /// Everything secret a profile holds, unlocked from the identity file. Both halves wipe
 /// themselves on drop, and `Debug` shows `IdentitySecret(..)` and `NoiseSecret(..)`.
-#[derive(Debug)]
 pub struct Identity {
-    pub secret: IdentitySecret,
-    pub noise: NoiseSecret,
+    secret: IdentitySecret,
+    noise: NoiseSecret,
+    /// The binding of the two, made once: every dial sends it, and making it takes a
+    /// signature and a scalar multiplication (Ed25519 signatures are deterministic, so
+    /// it never changes).
+    binding: std::sync::OnceLock<NoiseBinding>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity").field("secret", &self.secret).field("noise", &self.noise).finish()
+    }
 }
 
 impl ZeroizeOnDrop for Identity {}
 
 impl Identity {
+    pub fn new(secret: IdentitySecret, noise: NoiseSecret) -> Self {
+        Self { secret, noise, binding: std::sync::OnceLock::new() }
+    }
+
     pub fn generate() -> Self {
-        Self { secret: IdentitySecret::generate(), noise: NoiseSecret::generate() }
+        Self::new(IdentitySecret::generate(), NoiseSecret::generate())
+    }
+
+    pub fn secret(&self) -> &IdentitySecret {
+        &self.secret
+    }
+
+    pub fn noise(&self) -> &NoiseSecret {
+        &self.noise
     }
 
     pub fn public(&self) -> IdentityKey {
@@ -208,7 +229,7 @@ impl Identity {
     }
 
     pub fn binding(&self) -> NoiseBinding {
-        NoiseBinding::sign(&self.secret, self.noise.public())
+        *self.binding.get_or_init(|| NoiseBinding::sign(&self.secret, self.noise.public()))
     }
 }
 
@@ -287,7 +308,7 @@ mod tests {
 
     #[test]
     fn noise_binding_verifies_only_for_its_identity() {
-        let id = Identity { secret: identity(3), noise: NoiseSecret::from_bytes(&[4; 32]) };
+        let id = Identity::new(identity(3), NoiseSecret::from_bytes(&[4; 32]));
         let binding = id.binding();
         assert!(binding.verify(&id.public()).is_ok());
         assert!(binding.verify(&identity(5).public()).is_err());

@@ -103,7 +103,7 @@ async fn session(
             issued_at: now,
             expires_at: now + ttl,
         };
-        let observed = client.publish(SignedPresence::sign(&record, &identity.secret)).await?;
+        let observed = client.publish(SignedPresence::sign(&record, identity.secret())).await?;
         if first {
             on_event(Event::Online { observed, expires_in: ttl });
             *backoff = Duration::from_millis(500);

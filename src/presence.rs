@@ -159,7 +159,7 @@ pub(crate) mod tests {
     use crate::keys::{Identity, IdentitySecret, NoiseSecret};
 
     pub(crate) fn identity(seed: u8) -> Identity {
-        Identity { secret: IdentitySecret::from_seed(&[seed; 32]), noise: NoiseSecret::from_bytes(&[seed.wrapping_add(100); 32]) }
+        Identity::new(IdentitySecret::from_seed(&[seed; 32]), NoiseSecret::from_bytes(&[seed.wrapping_add(100); 32]))
     }
 
     pub(crate) fn record(id: &Identity, name: &str, seq: u64, issued_at: u64, ttl: u64) -> PresenceRecord {
@@ -182,14 +182,14 @@ pub(crate) mod tests {
     fn sign_then_verify() {
         let alice = identity(1);
         let rec = record(&alice, "alice", 1, NOW, 60);
-        let signed = SignedPresence::sign(&rec, &alice.secret);
+        let signed = SignedPresence::sign(&rec, alice.secret());
         assert_eq!(signed.verify(&alice.public()), Ok(rec));
     }
 
     #[test]
     fn forged_signature_is_refused() {
         let alice = identity(1);
-        let mut signed = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &alice.secret);
+        let mut signed = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), alice.secret());
         signed.signature[10] ^= 0x40;
         assert_eq!(signed.verify(&alice.public()), Err(PresenceError::BadSignature));
     }
@@ -197,7 +197,7 @@ pub(crate) mod tests {
     #[test]
     fn tampered_payload_is_refused() {
         let alice = identity(1);
-        let mut signed = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &alice.secret);
+        let mut signed = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), alice.secret());
         let last = signed.payload.len() - 1;
         signed.payload[last] ^= 1;
         assert_eq!(signed.verify(&alice.public()), Err(PresenceError::BadSignature));
@@ -207,7 +207,7 @@ pub(crate) mod tests {
     fn record_signed_by_another_key_is_refused() {
         let (alice, mallory) = (identity(1), identity(2));
         // Mallory signs a record that claims Alice's key: Alice's key does not verify it.
-        let claim = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &mallory.secret);
+        let claim = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), mallory.secret());
         assert_eq!(claim.verify(&alice.public()), Err(PresenceError::BadSignature));
         // Mallory signs a record naming Alice's key with her own signature: wrong key.
         assert_eq!(claim.verify(&mallory.public()), Err(PresenceError::WrongKey));
@@ -218,7 +218,7 @@ pub(crate) mod tests {
         let (alice, mallory) = (identity(1), identity(2));
         let mut rec = record(&alice, "alice", 1, NOW, 60);
         rec.noise = mallory.binding();
-        let signed = SignedPresence::sign(&rec, &alice.secret);
+        let signed = SignedPresence::sign(&rec, alice.secret());
         assert_eq!(signed.verify(&alice.public()), Err(PresenceError::BadBinding));
     }
 
@@ -227,12 +227,12 @@ pub(crate) mod tests {
         let alice = identity(1);
         let mut rec = record(&alice, "alice", 1, NOW, 60);
         rec.addrs = vec!["127.0.0.1:1".parse().unwrap(); 200];
-        assert_eq!(SignedPresence::sign(&rec, &alice.secret).verify(&alice.public()), Err(PresenceError::Oversized));
+        assert_eq!(SignedPresence::sign(&rec, alice.secret()).verify(&alice.public()), Err(PresenceError::Oversized));
         rec.addrs = vec!["127.0.0.1:1".parse().unwrap(); MAX_ADDRS + 1];
-        assert_eq!(SignedPresence::sign(&rec, &alice.secret).verify(&alice.public()), Err(PresenceError::TooManyAddrs));
+        assert_eq!(SignedPresence::sign(&rec, alice.secret()).verify(&alice.public()), Err(PresenceError::TooManyAddrs));
         let mut payload = postcard::to_stdvec(&record(&alice, "alice", 1, NOW, 60)).unwrap();
         payload.push(0);
-        let signature = alice.secret.sign(DOMAIN_PRESENCE, &payload);
+        let signature = alice.secret().sign(DOMAIN_PRESENCE, &payload);
         assert_eq!(SignedPresence { payload, signature }.verify(&alice.public()), Err(PresenceError::Malformed));
     }
 

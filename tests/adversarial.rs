@@ -96,7 +96,7 @@ fn fresh_record(id: &Identity, user: &str, seq: u64) -> SignedPresence {
         issued_at: now,
         expires_at: now + 60,
     };
-    SignedPresence::sign(&record, &id.secret)
+    SignedPresence::sign(&record, id.secret())
 }
 
 fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> Option<Refusal> {

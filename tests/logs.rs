@@ -230,10 +230,10 @@ fn identity_secrets(home: &Path, passphrase: &str) -> Vec<(String, Vec<u8>)> {
     let cipher = chacha20poly1305::XChaCha20Poly1305::new((&key).into());
     let nonce = chacha20poly1305::XNonce::from_slice(&header.nonce);
     let plain = cipher.decrypt(nonce, Payload { msg: &file[sotto::idfile::HEADER_LEN..], aad: &file[..sotto::idfile::HEADER_LEN] });
-    assert_eq!(plain.expect("the recomputed key opens the file")[..32], identity.secret.seed()[..]);
+    assert_eq!(plain.expect("the recomputed key opens the file")[..32], identity.secret().seed()[..]);
     vec![
-        ("identity seed".into(), identity.secret.seed().to_vec()),
-        ("noise secret".into(), identity.noise.as_bytes().to_vec()),
+        ("identity seed".into(), identity.secret().seed().to_vec()),
+        ("noise secret".into(), identity.noise().as_bytes().to_vec()),
         ("identity-file key".into(), key.to_vec()),
     ]
 }
@@ -516,7 +516,7 @@ fn debug_of_secret_holders_prints_no_secret() {
         format!("{identity:?}"),
     ] {
         assert!(!shown.contains("a-password-to-hide"), "{shown}");
-        for secret in [identity.secret.seed().to_vec(), identity.noise.as_bytes().to_vec()] {
+        for secret in [identity.secret().seed().to_vec(), identity.noise().as_bytes().to_vec()] {
             for form in forms(&secret, false) {
                 assert!(find(shown.as_bytes(), &form).is_none(), "{shown}");
             }

@@ -29,11 +29,11 @@ const HANDSHAKE_HEAP: usize = 16 * 1024;
 // Fixtures and strategies
 
 fn alice() -> Identity {
-    Identity { secret: IdentitySecret::from_seed(&[0x01; 32]), noise: NoiseSecret::from_bytes(&[0x02; 32]) }
+    Identity::new(IdentitySecret::from_seed(&[0x01; 32]), NoiseSecret::from_bytes(&[0x02; 32]))
 }
 
 fn bob() -> Identity {
-    Identity { secret: IdentitySecret::from_seed(&[0x03; 32]), noise: NoiseSecret::from_bytes(&[0x04; 32]) }
+    Identity::new(IdentitySecret::from_seed(&[0x03; 32]), NoiseSecret::from_bytes(&[0x04; 32]))
 }
 
 fn name(s: &str) -> Username {
@@ -198,7 +198,7 @@ fn canonical(name: &Username) -> Result<(), TestCaseError> {
 /// One whole handshake in memory: Alice dials Bob.
 fn session() -> (Transport, Transport) {
     let (alice, bob) = (alice(), bob());
-    let (dial, preamble, msg1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise.public(), NOW_NS).unwrap();
+    let (dial, preamble, msg1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise().public(), NOW_NS).unwrap();
     let (callee, msg2) = Answer::read(&bob, &name("bob"), &preamble, &msg1).unwrap().accept(&alice.public(), None, NOW_NS).unwrap();
     (dial.finish(&msg2).unwrap(), callee)
 }
@@ -273,11 +273,11 @@ proptest! {
         addrs in prop::collection::vec(socket_addr(), 0..=MAX_ADDRS), cert_sha256 in any::<[u8; 32]>(),
         seq in any::<u64>(), issued_at in any::<u64>(), expires_at in any::<u64>(),
     ) {
-        let id = Identity { secret: IdentitySecret::from_seed(&seed), noise: NoiseSecret::from_bytes(&noise) };
+        let id = Identity::new(IdentitySecret::from_seed(&seed), NoiseSecret::from_bytes(&noise));
         let record = PresenceRecord {
             version: RECORD_VERSION, username, identity_key: id.public(), noise: id.binding(), addrs, cert_sha256, seq, issued_at, expires_at,
         };
-        let signed = SignedPresence::sign(&record, &id.secret);
+        let signed = SignedPresence::sign(&record, id.secret());
         prop_assert!(signed.payload.len() <= MAX_RECORD_BYTES);
         prop_assert_eq!(signed.verify(&id.public()), Ok(record));
         prop_assert_eq!(signed.verify(&alice().public()), Err(PresenceError::BadSignature));
@@ -302,16 +302,16 @@ proptest! {
 
     #[test]
     fn identity_files_round_trip(seed in any::<[u8; 32]>(), noise in any::<[u8; 32]>(), passphrase in "[ -~]{1,40}") {
-        let id = Identity { secret: IdentitySecret::from_seed(&seed), noise: NoiseSecret::from_bytes(&noise) };
+        let id = Identity::new(IdentitySecret::from_seed(&seed), NoiseSecret::from_bytes(&noise));
         let file = idfile::seal(&id, passphrase.as_bytes(), FAST).unwrap();
         prop_assert_eq!(file.len(), FILE_LEN);
         let header = Header::parse(&file).unwrap();
         prop_assert_eq!(header.kdf, FAST);
         prop_assert_eq!(header.identity_key(), Ok(id.public()));
-        prop_assert_eq!(header.noise_key(), id.noise.public());
+        prop_assert_eq!(header.noise_key(), id.noise().public());
         let back = idfile::open(&file, passphrase.as_bytes()).unwrap();
         prop_assert_eq!(back.public(), id.public());
-        prop_assert_eq!(back.noise.public(), id.noise.public());
+        prop_assert_eq!(back.noise().public(), id.noise().public());
         prop_assert_eq!(idfile::open(&file, format!("{passphrase}!").as_bytes()).err(), Some(IdFileError::WrongPassphrase));
     }
 }
@@ -444,7 +444,7 @@ proptest! {
     #[test]
     fn any_payload_signed_by_its_owner_verifies_only_within_caps(payload in prop::collection::vec(any::<u8>(), 0..1200)) {
         let alice = alice();
-        let signed = SignedPresence { signature: alice.secret.sign(DOMAIN_PRESENCE, &payload), payload };
+        let signed = SignedPresence { signature: alice.secret().sign(DOMAIN_PRESENCE, &payload), payload };
         let (result, heap) = peak_heap(|| signed.verify(&alice.public()));
         prop_assert!(heap <= record_heap_bound(signed.payload.len()) + signed.payload.len() + 1024);
         if signed.payload.len() > MAX_RECORD_BYTES {
@@ -538,7 +538,7 @@ proptest! {
     #[test]
     fn any_message_2(msg2 in prop_oneof![prop::collection::vec(any::<u8>(), 0..300), prop::collection::vec(any::<u8>(), 1000..1100)]) {
         let (alice, bob) = (alice(), bob());
-        let (dial, _, _) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise.public(), NOW_NS).unwrap();
+        let (dial, _, _) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise().public(), NOW_NS).unwrap();
         let (result, heap) = peak_heap(|| dial.finish(&msg2));
         prop_assert!(heap <= HANDSHAKE_HEAP, "Dial::finish held {heap} bytes");
         let expected = if msg2.len() > MAX_HANDSHAKE_MESSAGE { SessionError::TooLarge } else { SessionError::Handshake };

@@ -118,7 +118,7 @@ fn record(id: &Identity, user: &str, seq: u64, issued_at: u64, expires_at: u64) 
 /// A current record (issued now, one minute to live), signed by `id`.
 fn fresh(id: &Identity, user: &str, seq: u64) -> SignedPresence {
     let now = unix_now();
-    SignedPresence::sign(&record(id, user, seq, now, now + 60), &id.secret)
+    SignedPresence::sign(&record(id, user, seq, now, now + 60), id.secret())
 }
 
 fn refused(result: Result<impl std::fmt::Debug, ClientError>) -> Refusal {
@@ -193,7 +193,7 @@ impl Raw {
         Request::Authenticate {
             username: name(user),
             identity_key: id.public(),
-            proof: auth::prove(&id.secret, Purpose::Authenticate, binding, &name(user)),
+            proof: auth::prove(id.secret(), Purpose::Authenticate, binding, &name(user)),
         }
     }
 
@@ -208,7 +208,7 @@ impl Raw {
             password: password.to_string(),
             identity_key: id.public(),
             noise: id.binding(),
-            proof: auth::prove(&id.secret, purpose, &self.binding, &name(user)),
+            proof: auth::prove(id.secret(), purpose, &self.binding, &name(user)),
         };
         match purpose {
             Purpose::Register => Request::Register(credentials),
@@ -294,11 +294,11 @@ async fn record_of_another_account_is_bad_record() {
     // Signed by alice's key, naming alice, but carrying bob's identity key.
     let mut rec = record(&alice_id, "alice", 1, unix_now(), unix_now() + 60);
     rec.identity_key = bob_id.public();
-    assert_eq!(refused(alice.publish(SignedPresence::sign(&rec, &alice_id.secret)).await), Refusal::BadRecord);
+    assert_eq!(refused(alice.publish(SignedPresence::sign(&rec, alice_id.secret())).await), Refusal::BadRecord);
     // Alice's key with bob's Noise binding.
     let mut rec = record(&alice_id, "alice", 1, unix_now(), unix_now() + 60);
     rec.noise = bob_id.binding();
-    assert_eq!(refused(alice.publish(SignedPresence::sign(&rec, &alice_id.secret)).await), Refusal::BadRecord);
+    assert_eq!(refused(alice.publish(SignedPresence::sign(&rec, alice_id.secret())).await), Refusal::BadRecord);
 
     // Neither account got a presence out of it.
     assert!(online(&bob).await.is_empty());
@@ -350,7 +350,7 @@ async fn expired_record_is_refused() {
     let (alice, id) = registered(&node, "alice").await;
     let now = unix_now();
     // Issued within the node's clock-skew allowance, but already expired.
-    let expired = SignedPresence::sign(&record(&id, "alice", 10, now - 50, now - 10), &id.secret);
+    let expired = SignedPresence::sign(&record(&id, "alice", 10, now - 50, now - 10), id.secret());
     assert_eq!(refused(alice.publish(expired).await), Refusal::RecordExpired);
     assert!(online(&alice).await.is_empty());
     // The refused record did not raise the seq floor.
@@ -365,10 +365,10 @@ async fn record_from_the_future_or_the_past_is_clock_skew() {
     let node = start().await;
     let (alice, id) = registered(&node, "alice").await;
     let now = unix_now();
-    let future = SignedPresence::sign(&record(&id, "alice", 10, now + 600, now + 660), &id.secret);
+    let future = SignedPresence::sign(&record(&id, "alice", 10, now + 600, now + 660), id.secret());
     assert_eq!(refused(alice.publish(future).await), Refusal::ClockSkew);
     // Still unexpired, but issued longer ago than the skew allows.
-    let old = SignedPresence::sign(&record(&id, "alice", 11, now - 200, now + 60), &id.secret);
+    let old = SignedPresence::sign(&record(&id, "alice", 11, now - 200, now + 60), id.secret());
     assert_eq!(refused(alice.publish(old).await), Refusal::ClockSkew);
     assert!(online(&alice).await.is_empty());
     alice.publish(fresh(&id, "alice", 1)).await.unwrap();
@@ -386,15 +386,15 @@ async fn record_living_longer_than_the_node_allows_is_ttl_too_long() {
     let (alice, id) = registered(&node, "alice").await;
     assert_eq!(alice.max_ttl, 120, "the node announces its configured max TTL");
     let now = unix_now();
-    let long = SignedPresence::sign(&record(&id, "alice", 10, now, now + 121), &id.secret);
+    let long = SignedPresence::sign(&record(&id, "alice", 10, now, now + 121), id.secret());
     assert_eq!(refused(alice.publish(long).await), Refusal::TtlTooLong);
-    let zero = SignedPresence::sign(&record(&id, "alice", 11, now, now), &id.secret);
+    let zero = SignedPresence::sign(&record(&id, "alice", 11, now, now), id.secret());
     assert_eq!(refused(alice.publish(zero).await), Refusal::TtlTooLong);
-    let backwards = SignedPresence::sign(&record(&id, "alice", 12, now, now - 1), &id.secret);
+    let backwards = SignedPresence::sign(&record(&id, "alice", 12, now, now - 1), id.secret());
     assert_eq!(refused(alice.publish(backwards).await), Refusal::TtlTooLong);
     assert!(online(&alice).await.is_empty());
     // Exactly the max TTL is fine, and seq 1 is still free.
-    let longest = SignedPresence::sign(&record(&id, "alice", 1, now, now + 120), &id.secret);
+    let longest = SignedPresence::sign(&record(&id, "alice", 1, now, now + 120), id.secret());
     alice.publish(longest).await.unwrap();
     assert_eq!(online(&alice).await, vec![name("alice")]);
     node.assert_serving().await;
@@ -408,7 +408,7 @@ async fn presence_goes_away_when_the_publishing_connection_closes() {
     let (bob, _) = registered(&node, "bob").await;
     // A record that would otherwise live for minutes.
     let now = unix_now();
-    alice.publish(SignedPresence::sign(&record(&id, "alice", 1, now, now + 300), &id.secret)).await.unwrap();
+    alice.publish(SignedPresence::sign(&record(&id, "alice", 1, now, now + 300), id.secret())).await.unwrap();
     assert_eq!(online(&bob).await, vec![name("alice")]);
     assert!(bob.lookup(&name("alice")).await.unwrap().presence.is_some());
 
@@ -591,7 +591,7 @@ async fn invalid_usernames_are_refused() {
         password: PASSWORD.to_string(),
         identity_key: carol.public(),
         noise: carol.binding(),
-        proof: auth::prove(&carol.secret, Purpose::Register, &fresh_raw.binding, &name("carol")),
+        proof: auth::prove(carol.secret(), Purpose::Register, &fresh_raw.binding, &name("carol")),
     };
     let good = encode_message(&Request::Register(creds));
     assert_eq!(&good[..8], b"\x01\x01\x05carol");
@@ -737,7 +737,7 @@ async fn proof_for_another_connection_is_bad_proof() {
     let mixed = a.authenticate_request(&alice_id, "alice", &Binding { challenge: a.binding.challenge, channel: b.binding.channel });
     assert_eq!(b.call(&mixed).await, Response::Refused(Refusal::BadProof));
     // A proof over B's binding but for another purpose (Login).
-    let login_proof = auth::prove(&alice_id.secret, Purpose::Login, &b.binding, &name("alice"));
+    let login_proof = auth::prove(alice_id.secret(), Purpose::Login, &b.binding, &name("alice"));
     let wrong_purpose = Request::Authenticate { username: name("alice"), identity_key: alice_id.public(), proof: login_proof };
     assert_eq!(b.call(&wrong_purpose).await, Response::Refused(Refusal::BadProof));
     // B was not signed in by any of them.
@@ -746,7 +746,7 @@ async fn proof_for_another_connection_is_bad_proof() {
     // Through the client: a proof over a made-up binding.
     let client = RendezvousClient::connect(&node.address).await.unwrap();
     let made_up = Binding { challenge: [0x11; 32], channel: [0x22; 32] };
-    let proof = auth::prove(&alice_id.secret, Purpose::Authenticate, &made_up, &name("alice"));
+    let proof = auth::prove(alice_id.secret(), Purpose::Authenticate, &made_up, &name("alice"));
     let answer = client.raw_call(&Request::Authenticate { username: name("alice"), identity_key: alice_id.public(), proof }).await;
     assert_eq!(refused(answer), Refusal::BadProof);
     assert_eq!(refused(client.online().await), Refusal::NotAuthenticated);

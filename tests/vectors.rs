@@ -47,11 +47,11 @@ const VECTOR_FILES: [&str; 9] = [
 ];
 
 fn alice() -> Identity {
-    Identity { secret: IdentitySecret::from_seed(&ALICE_IDENTITY_SEED), noise: NoiseSecret::from_bytes(&ALICE_NOISE_SECRET) }
+    Identity::new(IdentitySecret::from_seed(&ALICE_IDENTITY_SEED), NoiseSecret::from_bytes(&ALICE_NOISE_SECRET))
 }
 
 fn bob() -> Identity {
-    Identity { secret: IdentitySecret::from_seed(&BOB_IDENTITY_SEED), noise: NoiseSecret::from_bytes(&BOB_NOISE_SECRET) }
+    Identity::new(IdentitySecret::from_seed(&BOB_IDENTITY_SEED), NoiseSecret::from_bytes(&BOB_NOISE_SECRET))
 }
 
 fn keys_dir() -> PathBuf {
@@ -128,7 +128,7 @@ fn vector_directory_holds_exactly_the_replayed_files() {
 fn keys_directory_holds_no_fixture_secret() {
     let alice = alice();
     let bob = bob();
-    let secrets = [*alice.secret.seed(), *alice.noise.as_bytes(), *bob.secret.seed(), *bob.noise.as_bytes()];
+    let secrets = [*alice.secret().seed(), *alice.noise().as_bytes(), *bob.secret().seed(), *bob.noise().as_bytes()];
     let mut pending = vec![keys_dir()];
     let mut files = 0;
     while let Some(dir) = pending.pop() {
@@ -154,7 +154,7 @@ fn fixture_seeds_give_the_published_public_keys() {
     for (name, id) in [("alice", alice()), ("bob", bob())] {
         let published = &field(field(&v, "identities"), name);
         assert_eq!(id.public().to_hex(), text(published, "identity_key"), "{name}");
-        assert_eq!(id.noise.public().to_hex(), text(published, "noise_key"), "{name}");
+        assert_eq!(id.noise().public().to_hex(), text(published, "noise_key"), "{name}");
     }
 }
 
@@ -211,7 +211,7 @@ fn noise_binding_is_reproduced_and_signs_the_documented_bytes() {
     assert_eq!(text(&v, "domain").as_bytes(), DOMAIN_NOISE_BINDING);
     assert_eq!(alice.public(), identity_key(&v, "identity_key"));
     let noise_key = NoiseKey(array(&v, "noise_key"));
-    assert_eq!(alice.noise.public(), noise_key);
+    assert_eq!(alice.noise().public(), noise_key);
     let binding = alice.binding();
     assert_eq!(binding, NoiseBinding { noise_key, signature: array(&v, "signature") });
     assert_eq!(binding.verify(&alice.public()), Ok(()));
@@ -250,7 +250,7 @@ fn presence_record_is_signed_and_decoded_exactly() {
     assert_eq!(text(&v, "domain").as_bytes(), DOMAIN_PRESENCE);
     assert_eq!(alice.public(), identity_key(&v, "signer_identity_key"));
     let record = presence_record(field(&v, "record"));
-    let signed = SignedPresence::sign(&record, &alice.secret);
+    let signed = SignedPresence::sign(&record, alice.secret());
     assert_eq!(hex::encode(&signed.payload), text(&v, "payload"));
     assert_eq!(hex::encode(signed.signature), text(&v, "signature"));
     let received = SignedPresence { payload: bytes(&v, "payload"), signature: array(&v, "signature") };
@@ -332,7 +332,7 @@ fn identity_file_opens_to_the_published_keys() {
     let v = vector("identity-file.json");
     let opened = idfile::open(&bytes(&v, "file"), text(&v, "passphrase").as_bytes()).unwrap();
     assert_eq!(opened.public(), identity_key(&v, "identity_key"));
-    assert_eq!(opened.noise.public(), NoiseKey(array(&v, "noise_key")));
+    assert_eq!(opened.noise().public(), NoiseKey(array(&v, "noise_key")));
 }
 
 /// Decrypts the vector file as keys/README.md describes, without `sotto::idfile`.
@@ -350,7 +350,7 @@ fn identity_file_decrypts_as_documented() {
         .decrypt(XNonce::from_slice(&file[38..62]), Payload { msg: &file[126..], aad: &file[..126] })
         .unwrap();
     let alice = alice();
-    assert_eq!(plaintext, [alice.secret.seed().as_slice(), alice.noise.as_bytes()].concat());
+    assert_eq!(plaintext, [alice.secret().seed().as_slice(), alice.noise().as_bytes()].concat());
 }
 
 #[test]
@@ -374,7 +374,8 @@ fn purpose(name: &str) -> Purpose {
 
 /// The fixture secret whose public key is `key`.
 fn fixture_secret(key: &IdentityKey) -> IdentitySecret {
-    [alice(), bob()].into_iter().find(|id| id.public() == *key).expect("a fixture identity key").secret
+    let id = [alice(), bob()].into_iter().find(|id| id.public() == *key).expect("a fixture identity key");
+    IdentitySecret::from_seed(&id.secret().seed())
 }
 
 #[test]
@@ -542,10 +543,10 @@ fn peer_preamble_hello_and_messages_are_reproduced() {
     };
     assert_eq!(encode(&hello), bytes(h, "bytes"));
     assert_eq!(hello.identity_key, alice.public());
-    assert_eq!(NoiseBinding { noise_key: alice.noise.public(), signature: hello.noise_binding }.verify(&alice.public()), Ok(()));
+    assert_eq!(NoiseBinding { noise_key: alice.noise().public(), signature: hello.noise_binding }.verify(&alice.public()), Ok(()));
 
     // The real handshake sends exactly these preamble bytes and this hello.
-    let (_, sent_preamble, msg1) = Dial::start(&alice, &preamble.dialer, &preamble.callee, &bob.noise.public(), hello.timestamp).unwrap();
+    let (_, sent_preamble, msg1) = Dial::start(&alice, &preamble.dialer, &preamble.callee, &bob.noise().public(), hello.timestamp).unwrap();
     assert_eq!(sent_preamble, bytes(p, "bytes"));
     let answer = Answer::read(&bob, &preamble.callee, &sent_preamble, &msg1).unwrap();
     assert_eq!(answer.hello, hello);

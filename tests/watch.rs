@@ -29,7 +29,7 @@ fn record(id: &Identity, user: &str, seq: u64) -> SignedPresence {
         issued_at: now,
         expires_at: now + 60,
     };
-    SignedPresence::sign(&rec, &id.secret)
+    SignedPresence::sign(&rec, id.secret())
 }
 
 #[tokio::test]

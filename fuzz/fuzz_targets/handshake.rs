@@ -86,7 +86,7 @@ fn raw_message_1(input: &mut Input) {
 fn crafted_message_1(input: &mut Input) {
     let fx = fixtures();
     let flags = input.u8();
-    let local: [u8; 32] = if flags & 1 == 0 { *fx.alice.noise.as_bytes() } else { input.array() };
+    let local: [u8; 32] = if flags & 1 == 0 { *fx.alice.noise().as_bytes() } else { input.array() };
     let local_public = NoiseSecret::from_bytes(&local).public();
     let preamble = if flags & 2 == 0 { alice_to_bob_preamble() } else { input.chunk().to_vec() };
     let mut payload = Vec::new();
@@ -101,7 +101,7 @@ fn crafted_message_1(input: &mut Input) {
     }
     payload.truncate(2000);
 
-    let mut dialer = raw_handshake(true, &local, Some(fx.bob.noise.public().as_bytes()), &preamble);
+    let mut dialer = raw_handshake(true, &local, Some(fx.bob.noise().public().as_bytes()), &preamble);
     let msg1 = write_handshake(&mut dialer, &payload);
     let result = read(&preamble, &msg1);
     if refused_early(&preamble, &msg1).is_some() {
@@ -155,7 +155,7 @@ fn crafted_message_1(input: &mut Input) {
 
 fn start() -> (Dial, Vec<u8>, Vec<u8>) {
     let fx = fixtures();
-    Dial::start(&fx.alice, &fx.alice_name, &fx.bob_name, &fx.bob.noise.public(), 1).expect("dial starts")
+    Dial::start(&fx.alice, &fx.alice_name, &fx.bob_name, &fx.bob.noise().public(), 1).expect("dial starts")
 }
 
 fn raw_message_2(input: &mut Input) {
@@ -170,7 +170,7 @@ fn raw_message_2(input: &mut Input) {
 fn crafted_message_2(input: &mut Input) {
     let fx = fixtures();
     let (dial, preamble, msg1) = start();
-    let mut callee = raw_handshake(false, fx.bob.noise.as_bytes(), None, &preamble);
+    let mut callee = raw_handshake(false, fx.bob.noise().as_bytes(), None, &preamble);
     let mut hello = vec![0u8; msg1.len()];
     callee.read_message(&msg1, &mut hello).expect("message 1 reads");
     let flags = input.u8();

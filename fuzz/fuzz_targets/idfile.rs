@@ -68,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
     match opened {
         Ok(identity) => {
             assert_eq!(identity.public().as_bytes(), &header.identity_key);
-            assert_eq!(identity.noise.public().as_bytes(), &header.noise_key);
+            assert_eq!(identity.noise().public().as_bytes(), &header.noise_key);
             assert_eq!(open(data, b"correct horse battery stapler").err(), Some(IdFileError::WrongPassphrase));
         }
         Err(IdFileError::BadKdfParams) => assert!(!argon2_ok),
@@ -84,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(file.len(), FILE_LEN);
             assert_eq!(&file[..HEADER_LEN], &data[..HEADER_LEN]);
             assert_eq!(Header::parse(&file), Ok(header));
-            let names_alice = header.identity_key == *alice.public().as_bytes() && header.noise_key == *alice.noise.public().as_bytes();
+            let names_alice = header.identity_key == *alice.public().as_bytes() && header.noise_key == *alice.noise().public().as_bytes();
             match open(&file, PASSPHRASE) {
                 Ok(back) => assert!(names_alice && back.public() == alice.public()),
                 Err(e) => assert!(!names_alice && e == IdFileError::Inconsistent, "{e:?}"),

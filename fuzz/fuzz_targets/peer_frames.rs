@@ -51,7 +51,7 @@ fn dialer_hello(bytes: &[u8]) {
     // The binding is checked against the Noise key the handshake proved; a signature the
     // fixture did not make never binds the fixture's key.
     let fx = fixtures();
-    let binding = NoiseBinding { noise_key: NoiseKey(*fx.alice.noise.public().as_bytes()), signature: hello.noise_binding };
+    let binding = NoiseBinding { noise_key: NoiseKey(*fx.alice.noise().public().as_bytes()), signature: hello.noise_binding };
     if binding.verify(key).is_ok() {
         assert_eq!(key, &fx.alice.public());
         assert_eq!(binding.signature, fx.alice_binding);

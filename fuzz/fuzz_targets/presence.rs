@@ -117,7 +117,7 @@ fuzz_target!(|data: &[u8]| {
         signed
     } else {
         // Signed here, so everything after the signature check is reachable.
-        SignedPresence { payload: bytes.to_vec(), signature: fixtures().alice.secret.sign(DOMAIN_PRESENCE, bytes) }
+        SignedPresence { payload: bytes.to_vec(), signature: fixtures().alice.secret().sign(DOMAIN_PRESENCE, bytes) }
     };
     let result = verify(&signed);
     check_verdict(&signed, result, &mut clock);

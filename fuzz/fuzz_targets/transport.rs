@@ -32,7 +32,7 @@ const NOW_NS: u64 = 1_800_000_000 * 1_000_000_000;
 fn session() -> (snow::TransportState, Transport) {
     let fx = fixtures();
     let preamble = alice_to_bob_preamble();
-    let mut dialer = raw_handshake(true, fx.alice.noise.as_bytes(), Some(fx.bob.noise.public().as_bytes()), &preamble);
+    let mut dialer = raw_handshake(true, fx.alice.noise().as_bytes(), Some(fx.bob.noise().public().as_bytes()), &preamble);
     let hello = DialerHello { identity_key: fx.alice.public(), noise_binding: fx.alice_binding, timestamp: NOW_NS };
     let msg1 = write_handshake(&mut dialer, &postcard::to_stdvec(&hello).expect("encodes"));
     let answer = Answer::read(&fx.bob, &fx.bob_name, &preamble, &msg1).expect("a valid initiation is read");

@@ -41,11 +41,11 @@ pub struct Fixtures {
 pub fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
     FIXTURES.get_or_init(|| {
-        let alice = Identity { secret: IdentitySecret::from_seed(&[0x01; 32]), noise: NoiseSecret::from_bytes(&[0x02; 32]) };
+        let alice = Identity::new(IdentitySecret::from_seed(&[0x01; 32]), NoiseSecret::from_bytes(&[0x02; 32]));
         Fixtures {
             alice_binding: alice.binding().signature,
             alice,
-            bob: Identity { secret: IdentitySecret::from_seed(&[0x03; 32]), noise: NoiseSecret::from_bytes(&[0x04; 32]) },
+            bob: Identity::new(IdentitySecret::from_seed(&[0x03; 32]), NoiseSecret::from_bytes(&[0x04; 32])),
             alice_name: Username::parse("alice").expect("valid name"),
             bob_name: Username::parse("bob").expect("valid name"),
         }

@@ -203,7 +203,7 @@ async fn bring_online(endpoint: &quinn::Endpoint, server: &ServerAddress, peer: 
         issued_at: now,
         expires_at: now + client.max_ttl.min(600),
     };
-    client.publish(SignedPresence::sign(&record, &peer.identity.secret)).await?;
+    client.publish(SignedPresence::sign(&record, peer.identity.secret())).await?;
     Ok(client)
 }
 

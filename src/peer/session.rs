@@ -151,7 +151,7 @@ impl Dial {
             .map_err(|_| SessionError::Malformed)?;
         let prologue = prologue(&preamble);
         let mut hs = snow::Builder::new(params())
-            .local_private_key(me.noise.as_bytes())
+            .local_private_key(me.noise().as_bytes())
             .and_then(|b| b.remote_public_key(callee_noise.as_bytes()))
             .and_then(|b| b.prologue(&prologue))
             .and_then(|b| b.build_initiator())
@@ -210,7 +210,7 @@ impl Answer {
         }
         let prologue = prologue(preamble_bytes);
         let mut hs = snow::Builder::new(params())
-            .local_private_key(me.noise.as_bytes())
+            .local_private_key(me.noise().as_bytes())
             .and_then(|b| b.prologue(&prologue))
             .and_then(|b| b.build_responder())
             .map_err(|_| SessionError::Handshake)?;
@@ -342,10 +342,10 @@ mod tests {
     /// Runs a whole handshake in memory: alice dials bob.
     fn pair(ts: u64) -> (Transport, Transport) {
         let (alice, bob) = (identity(1), identity(2));
-        let (dial, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise.public(), ts).unwrap();
+        let (dial, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise().public(), ts).unwrap();
         let answer = Answer::read(&bob, &name("bob"), &pre, &m1).unwrap();
         assert_eq!(answer.dialer, name("alice"));
-        assert_eq!(answer.dialer_noise, alice.noise.public());
+        assert_eq!(answer.dialer_noise, alice.noise().public());
         let (bob_t, m2) = answer.accept(&alice.public(), None, NOW_NS).unwrap();
         (dial.finish(&m2).unwrap(), bob_t)
     }
@@ -367,7 +367,7 @@ mod tests {
     #[test]
     fn prologue_mismatch_fails_the_handshake() {
         let (alice, bob) = (identity(1), identity(2));
-        let (_, _, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise.public(), 1).unwrap();
+        let (_, _, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise().public(), 1).unwrap();
         // Someone rewrites the preamble to claim another dialer: the prologue differs.
         let forged = postcard::to_stdvec(&Preamble { version: PREAMBLE_VERSION, dialer: name("carol"), callee: name("bob") }).unwrap();
         assert_eq!(Answer::read(&bob, &name("bob"), &forged, &m1).unwrap_err(), SessionError::Handshake);
@@ -376,14 +376,14 @@ mod tests {
     #[test]
     fn call_for_someone_else_is_refused() {
         let (alice, bob) = (identity(1), identity(2));
-        let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise.public(), 1).unwrap();
+        let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise().public(), 1).unwrap();
         assert_eq!(Answer::read(&bob, &name("bobby"), &pre, &m1).unwrap_err(), SessionError::NotForMe);
     }
 
     #[test]
     fn replayed_initiation_is_refused() {
         let (alice, bob) = (identity(1), identity(2));
-        let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise.public(), 100).unwrap();
+        let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise().public(), 100).unwrap();
         let first = Answer::read(&bob, &name("bob"), &pre, &m1).unwrap();
         assert_eq!(first.hello.timestamp, 100);
         let (_, _) = first.accept(&alice.public(), None, NOW_NS).unwrap();
@@ -396,7 +396,7 @@ mod tests {
     fn far_future_initiation_is_refused() {
         let (alice, bob) = (identity(1), identity(2));
         let ahead = NOW_NS + MAX_TIMESTAMP_AHEAD_NS + 1;
-        let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise.public(), ahead).unwrap();
+        let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &bob.noise().public(), ahead).unwrap();
         let answer = Answer::read(&bob, &name("bob"), &pre, &m1).unwrap();
         assert_eq!(answer.accept(&alice.public(), None, NOW_NS).unwrap_err(), SessionError::FromTheFuture);
     }
@@ -405,14 +405,14 @@ mod tests {
     fn wrong_static_key_fails() {
         let (alice, bob, carol) = (identity(1), identity(2), identity(3));
         // alice dials bob using carol's Noise key (a stale or forged record).
-        let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &carol.noise.public(), 1).unwrap();
+        let (_, pre, m1) = Dial::start(&alice, &name("alice"), &name("bob"), &carol.noise().public(), 1).unwrap();
         assert_eq!(Answer::read(&bob, &name("bob"), &pre, &m1).unwrap_err(), SessionError::Handshake);
     }
 
     #[test]
     fn dialer_claiming_another_identity_is_refused() {
         let (alice, bob, mallory) = (identity(1), identity(2), identity(3));
-        let (_, pre, m1) = Dial::start(&mallory, &name("alice"), &name("bob"), &bob.noise.public(), 1).unwrap();
+        let (_, pre, m1) = Dial::start(&mallory, &name("alice"), &name("bob"), &bob.noise().public(), 1).unwrap();
         let answer = Answer::read(&bob, &name("bob"), &pre, &m1).unwrap();
         assert_eq!(answer.accept(&alice.public(), None, NOW_NS).unwrap_err(), SessionError::UnexpectedIdentity);
     }

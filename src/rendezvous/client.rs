@@ -138,7 +138,7 @@ impl RendezvousClient {
             password: password.to_string(),
             identity_key: identity.public(),
             noise: identity.binding(),
-            proof: auth::prove(&identity.secret, purpose, &self.binding, username),
+            proof: auth::prove(identity.secret(), purpose, &self.binding, username),
         }
     }
 
@@ -158,7 +158,7 @@ impl RendezvousClient {
     }
 
     pub async fn authenticate(&self, identity: &Identity, username: &Username) -> Result<(), ClientError> {
-        let proof = auth::prove(&identity.secret, Purpose::Authenticate, &self.binding, username);
+        let proof = auth::prove(identity.secret(), Purpose::Authenticate, &self.binding, username);
         match self.call(&Request::Authenticate { username: username.clone(), identity_key: identity.public(), proof }).await? {
             Response::Authenticated => Ok(()),
             _ => Err(ClientError::Protocol),

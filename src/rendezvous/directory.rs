@@ -163,12 +163,12 @@ mod tests {
     fn publish_lookup_expire() {
         let alice = identity(1);
         let mut dir = Directory::new(Freshness::DEFAULT);
-        let signed = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &alice.secret);
+        let signed = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), alice.secret());
         assert_eq!(
             dir.publish(&name("alice"), &alice.public(), signed.clone(), 7, NOW),
             Ok(Some(Change { username: name("alice"), online: true }))
         );
-        let again = SignedPresence::sign(&record(&alice, "alice", 2, NOW, 60), &alice.secret);
+        let again = SignedPresence::sign(&record(&alice, "alice", 2, NOW, 60), alice.secret());
         assert_eq!(dir.publish(&name("alice"), &alice.public(), again.clone(), 7, NOW), Ok(None), "a republish is no change");
         assert_eq!(dir.current(&name("alice"), NOW + 59), Some(&again));
         assert_eq!(dir.online(NOW, 10).0, vec![name("alice")]);
@@ -183,7 +183,7 @@ mod tests {
         let mut dir = Directory::new(Freshness::DEFAULT);
         // Alice, signed in as alice, publishes a record naming bob: wrong user.
         let rec = record(&alice, "bob", 1, NOW, 60);
-        let signed = SignedPresence::sign(&rec, &alice.secret);
+        let signed = SignedPresence::sign(&rec, alice.secret());
         assert_eq!(dir.publish(&name("alice"), &alice.public(), signed.clone(), 1, NOW), Err(PresenceError::WrongUser));
         // The same record checked against bob's account key fails on the signature.
         assert_eq!(dir.publish(&name("bob"), &bob.public(), signed, 1, NOW), Err(PresenceError::BadSignature));
@@ -193,7 +193,7 @@ mod tests {
     fn replayed_record_is_refused_even_after_it_went_offline() {
         let alice = identity(1);
         let mut dir = Directory::new(Freshness::DEFAULT);
-        let first = SignedPresence::sign(&record(&alice, "alice", 10, NOW, 60), &alice.secret);
+        let first = SignedPresence::sign(&record(&alice, "alice", 10, NOW, 60), alice.secret());
         dir.publish(&name("alice"), &alice.public(), first.clone(), 1, NOW).unwrap();
         dir.connection_closed(1);
         assert_eq!(dir.current(&name("alice"), NOW), None);
@@ -204,9 +204,9 @@ mod tests {
     fn closing_or_withdrawing_drops_only_that_connections_record() {
         let (alice, bob) = (identity(1), identity(2));
         let mut dir = Directory::new(Freshness::DEFAULT);
-        dir.publish(&name("alice"), &alice.public(), SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), &alice.secret), 1, NOW)
+        dir.publish(&name("alice"), &alice.public(), SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), alice.secret()), 1, NOW)
             .unwrap();
-        dir.publish(&name("bob"), &bob.public(), SignedPresence::sign(&record(&bob, "bob", 1, NOW, 60), &bob.secret), 2, NOW).unwrap();
+        dir.publish(&name("bob"), &bob.public(), SignedPresence::sign(&record(&bob, "bob", 1, NOW, 60), bob.secret()), 2, NOW).unwrap();
         assert_eq!(dir.withdraw(&name("alice"), 2), None);
         assert_eq!(dir.online(NOW, 10).0.len(), 2);
         assert_eq!(dir.connection_closed(1), vec![Change { username: name("alice"), online: false }]);
@@ -222,7 +222,7 @@ mod tests {
         for i in 0..5u8 {
             let id = identity(10 + i);
             let user = format!("user{i}");
-            dir.publish(&name(&user), &id.public(), SignedPresence::sign(&record(&id, &user, 1, NOW, 60), &id.secret), i.into(), NOW)
+            dir.publish(&name(&user), &id.public(), SignedPresence::sign(&record(&id, &user, 1, NOW, 60), id.secret()), i.into(), NOW)
                 .unwrap();
         }
         let (names, truncated) = dir.online(NOW, 3);

@@ -257,7 +257,7 @@ pub async fn peer_world(bob_ip: std::net::IpAddr) -> PeerWorld {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     alice_agent.send(&name("bob"), "first contact").await.expect("first contact");
-    PeerWorld { dir, server, bob_noise: bob.noise.public(), alice, bob, alice_agent, bob_agent, bob_addr, bob_cert, stop }
+    PeerWorld { dir, server, bob_noise: bob.noise().public(), alice, bob, alice_agent, bob_agent, bob_addr, bob_cert, stop }
 }
 
 /// A session with bob made by hand as alice, for sending what a real client would not.
