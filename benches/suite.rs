@@ -353,7 +353,7 @@ async fn bulk(scale: Scale) {
 /// Figure 4: the first message to a peer with no session (lookup, QUIC, Noise IK, ack);
 /// baseline: a raw QUIC connect, a raw snow IK handshake and one lookup round trip.
 async fn first_message(w: &PeerWorld, scale: Scale) {
-    let rounds = scale.pick(30, 3);
+    let rounds = scale.pick(60, 3);
     let bob = name("bob");
     // The raw side: a QUIC server that answers one Noise IK handshake per connection.
     let params: snow::params::NoiseParams = "Noise_IK_25519_ChaChaPoly_BLAKE2s".parse().unwrap();
@@ -388,6 +388,8 @@ async fn first_message(w: &PeerWorld, scale: Scale) {
         w.alice_agent.send(&bob, "first").await.unwrap();
         sotto.push_duration_us(t.elapsed());
 
+        // The same pause before the baseline: both start from an idle machine.
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let t = Instant::now();
         node.lookup(&bob).await.unwrap();
         let conn = endpoint.connect_with(config.clone(), addr, "bench").unwrap().await.unwrap();
