@@ -36,7 +36,8 @@
 //! [`flush_in_place`] when no flush is under way. The receiving session does the
 //! latter: a flush then costs no hand-off to another thread and back, which on an idle
 //! machine is most of a round trip's software time. A write nobody takes a point for
-//! reaches the disk with the next flush, or within [`LINGER`].
+//! reaches the disk with the next flush, or within [`LINGER`] (twice that at worst, when
+//! the linger ends during a flush in place that began before the write).
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -146,6 +147,9 @@ pub trait Store: Send + Sync {
     /// Sets the state of an outgoing message; `false` if there is no outgoing message
     /// at `at`.
     fn set_state(&self, at: &MessageRef, state: State) -> Result<bool, StoreError>;
+    /// Marks an outgoing message failed if it is still pending, in one step: an ack that
+    /// marked it delivered meanwhile wins. `true` if it was marked.
+    fn fail_pending(&self, at: &MessageRef) -> Result<bool, StoreError>;
     fn message(&self, at: &MessageRef) -> Result<Option<StoredMessage>, StoreError>;
     /// The incoming message from `peer` with this id, wherever it was filed.
     fn incoming(&self, peer: &Username, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError>;
@@ -227,7 +231,8 @@ impl Durability {
     }
 }
 
-/// The longest a write nobody waits for stays off disk.
+/// How long a write nobody waits for may stay off disk before the flusher thread flushes
+/// it (twice this at worst: see the module docs).
 const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The group-commit flusher shared by a store and its thread.
@@ -281,9 +286,12 @@ impl Commits {
         Some(state.written)
     }
 
-    /// Flushes (the caller has begun it) and publishes the outcome.
+    /// Flushes (the caller has begun it) and publishes the outcome. A panic inside sled
+    /// counts as a failed flush: on a session's worker it would otherwise leave the
+    /// store marked as flushing for good, and every waiter (and `Drop`) waiting.
     fn flush(&self, db: &sled::Db, target: u64) {
-        let result = db.flush();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.flush()))
+            .unwrap_or_else(|_| Err(sled::Error::ReportableBug("the flush panicked".into())));
         let mut state = self.state();
         state.flushing = false;
         match result {
@@ -458,6 +466,24 @@ impl SledStore {
         self.write.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sets an outgoing message's state to `next(current)` (`None` leaves it) under the
+    /// write lock; `false` if there is no outgoing message at `at`.
+    fn change_state(&self, at: &MessageRef, next: &mut dyn FnMut(State) -> Option<State>) -> Result<bool, StoreError> {
+        if at.direction != Direction::Out {
+            return Ok(false);
+        }
+        let key = message_key(at);
+        let _write = self.lock_writes();
+        let Some(bytes) = self.chat.get(&key)? else { return Ok(false) };
+        let mut msg: StoredMessage = decode(&bytes, "message")?;
+        if let Some(state) = next(msg.state).filter(|s| *s != msg.state) {
+            msg.state = state;
+            self.chat.insert(key, encode(&msg))?;
+            self.commits.wrote();
+        }
+        Ok(true)
+    }
+
     /// The key prefix of every peer with messages, in key order.
     fn peer_prefixes(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut prefixes = Vec::new();
@@ -561,19 +587,16 @@ impl Store for SledStore {
     }
 
     fn set_state(&self, at: &MessageRef, state: State) -> Result<bool, StoreError> {
-        if at.direction != Direction::Out {
-            return Ok(false);
-        }
-        let key = message_key(at);
-        let _write = self.lock_writes();
-        let Some(bytes) = self.chat.get(&key)? else { return Ok(false) };
-        let mut msg: StoredMessage = decode(&bytes, "message")?;
-        if msg.state != state {
-            msg.state = state;
-            self.chat.insert(key, encode(&msg))?;
-            self.commits.wrote();
-        }
-        Ok(true)
+        self.change_state(at, &mut |_| Some(state))
+    }
+
+    fn fail_pending(&self, at: &MessageRef) -> Result<bool, StoreError> {
+        let mut marked = false;
+        self.change_state(at, &mut |current| {
+            marked = current == State::Pending;
+            marked.then_some(State::Failed)
+        })?;
+        Ok(marked)
     }
 
     fn message(&self, at: &MessageRef) -> Result<Option<StoredMessage>, StoreError> {
@@ -683,6 +706,40 @@ mod tests {
         Username::parse(s).unwrap()
     }
 
+    /// Opens a database again right after a store on it was dropped. sled 0.34's
+    /// background writers can hold the file lock a moment after the store is gone
+    /// (sled issues 1234 and 1289), so a busy lock is retried for up to five seconds.
+    fn open_retrying(dir: &Path) -> Result<SledStore, StoreError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match SledStore::open(dir) {
+                Err(StoreError::Db(sled::Error::Io(e)))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn reopen(dir: &Path) -> SledStore {
+        open_retrying(dir).unwrap()
+    }
+
+    /// `sled::open`, retried the same way.
+    fn sled_reopen(dir: &Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match sled::open(dir) {
+                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
     fn msg(peer: &str, id: u8, at: u64, direction: Direction) -> StoredMessage {
         StoredMessage {
             id: [id; 16],
@@ -698,7 +755,7 @@ mod tests {
     #[test]
     fn insert_is_idempotent_per_peer_direction_and_id() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert!(s.insert(&msg("bob", 1, 10, Direction::In)).unwrap());
         assert!(!s.insert(&msg("bob", 1, 11, Direction::In)).unwrap(), "a resend is stored once");
         assert!(s.insert(&msg("bob", 1, 12, Direction::Out)).unwrap(), "our own id space is separate");
@@ -710,7 +767,7 @@ mod tests {
     #[test]
     fn last_n_is_oldest_first_and_per_peer() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         for i in 0..30u8 {
             s.insert(&msg(if i % 2 == 0 { "bob" } else { "bobby" }, i, 1000 + u64::from(i), Direction::In)).unwrap();
         }
@@ -724,7 +781,7 @@ mod tests {
     #[test]
     fn ack_marks_only_our_outgoing_message() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap();
         s.insert(&msg("bob", 2, 11, Direction::In)).unwrap();
         let ours = msg("bob", 1, 10, Direction::Out).at();
@@ -743,9 +800,24 @@ mod tests {
     }
 
     #[test]
+    fn a_late_ack_is_not_overwritten_by_the_failure_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(dir.path());
+        let (delivered, pending) = (msg("bob", 1, 10, Direction::Out), msg("bob", 2, 11, Direction::Out));
+        s.insert(&delivered).unwrap();
+        s.insert(&pending).unwrap();
+        assert!(s.set_state(&delivered.at(), State::Delivered).unwrap());
+        assert!(!s.fail_pending(&delivered.at()).unwrap(), "delivered stays delivered");
+        assert!(s.fail_pending(&pending.at()).unwrap());
+        assert!(!s.fail_pending(&msg("bob", 3, 12, Direction::Out).at()).unwrap(), "no such message");
+        assert_eq!(s.message(&delivered.at()).unwrap().unwrap().state, State::Delivered);
+        assert_eq!(s.message(&pending.at()).unwrap().unwrap().state, State::Failed);
+    }
+
+    #[test]
     fn writes_count_toward_commit_points_and_become_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.written(), 0);
         s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap();
         assert!(!s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap());
@@ -762,7 +834,7 @@ mod tests {
     #[test]
     fn concurrent_writers_all_reach_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(SledStore::open(dir.path()).unwrap());
+        let s = Arc::new(reopen(dir.path()));
         let threads: Vec<_> = (0..4u8)
             .map(|t| {
                 let s = s.clone();
@@ -782,14 +854,14 @@ mod tests {
         let progress = *s.durability().borrow();
         assert_eq!(progress.flushed, 100);
         drop(s);
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.last(None, 1000).unwrap().len(), 100);
     }
 
     #[test]
     fn async_waiters_wake_after_the_flush() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             for i in 0..10u8 {
@@ -803,7 +875,7 @@ mod tests {
     #[test]
     fn a_flush_in_place_covers_every_write_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         for i in 0..3u8 {
             s.insert(&msg("bob", i, 10 + u64::from(i), Direction::In)).unwrap();
         }
@@ -833,14 +905,14 @@ mod tests {
         s.insert(&msg("bob", 9, 20, Direction::In)).unwrap();
         s.wait_durable(s.written()).unwrap();
         drop(s);
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.last(Some(&name("bob")), 10).unwrap().len(), 4);
     }
 
     #[test]
     fn a_state_change_nobody_waits_for_still_reaches_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let m = msg("bob", 1, 10, Direction::Out);
         s.insert(&m).unwrap();
         s.wait_durable(s.written()).unwrap();
@@ -856,7 +928,7 @@ mod tests {
         assert!(s.set_state(&m.at(), State::Failed).unwrap());
         s.wait_durable(s.written()).unwrap();
         drop(s);
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.message(&m.at()).unwrap().unwrap().state, State::Failed);
     }
 
@@ -871,7 +943,7 @@ mod tests {
     #[test]
     fn a_message_cut_short_by_a_crash_is_completed_once_by_the_resend() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let first = msg("bob", 3, 500, Direction::In);
         // What survives a crash after the first of the two writes.
         s.chat.insert(incoming_key(&first.peer, &first.id), &500u64.to_be_bytes()).unwrap();
@@ -888,7 +960,7 @@ mod tests {
     #[test]
     fn a_damaged_id_index_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let m = msg("bob", 4, 500, Direction::In);
         s.chat.insert(incoming_key(&m.peer, &m.id), &b"short"[..]).unwrap();
         assert!(matches!(s.insert(&m), Err(StoreError::Corrupt("id index"))));
@@ -924,14 +996,14 @@ mod tests {
         for schema in [1, 2] {
             let dir = tempfile::tempdir().unwrap();
             old_database(dir.path(), schema);
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = reopen(dir.path());
             let bob = s.last(Some(&name("bob")), 10).unwrap();
             assert_eq!(bob.iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![0, 1, 2], "schema {schema}");
             assert_eq!(s.last(None, 10).unwrap().iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
             assert!(!s.insert(&msg("carol", 3, 999, Direction::In)).unwrap(), "the incoming index came across");
             assert!(s.set_state(&msg("carol", 4, 104, Direction::Out).at(), State::Delivered).unwrap(), "ours can still be acked");
             drop(s);
-            let db = sled::open(dir.path()).unwrap();
+            let db = sled_reopen(dir.path());
             let names = db.tree_names();
             for old in ["messages", "ids", "by_time", "history"] {
                 assert!(!names.iter().any(|t| t.as_ref() == old.as_bytes()), "schema {schema}: {old} is gone");
@@ -943,7 +1015,7 @@ mod tests {
     #[test]
     fn last_overall_merges_every_peer_newest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         // Interleaved in time across peers whose names prefix one another.
         let peers = ["bob", "bobby", "al_ice", "zed"];
         for i in 0..40u8 {
@@ -965,13 +1037,13 @@ mod tests {
     fn survives_reopen_and_checks_schema() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = reopen(dir.path());
             s.insert(&msg("bob", 1, 10, Direction::In)).unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.last(None, 10).unwrap().len(), 1);
         drop(s);
-        sled::open(dir.path()).unwrap().open_tree("meta").unwrap().insert("schema", &9u64.to_be_bytes()).unwrap();
-        assert!(matches!(SledStore::open(dir.path()), Err(StoreError::Schema(9))));
+        sled_reopen(dir.path()).open_tree("meta").unwrap().insert("schema", &9u64.to_be_bytes()).unwrap();
+        assert!(matches!(open_retrying(dir.path()), Err(StoreError::Schema(9))));
     }
 }

@@ -287,8 +287,8 @@ impl Agent {
         let mut stored = None;
         let outcome = self.deliver(&msg, &mut || _ = *stored.get_or_insert_with(|| store.written())).await;
         let stored = stored.unwrap_or_else(|| store.written());
-        if outcome.is_err() && store.message(&msg.at())?.is_some_and(|m| m.state == State::Pending) {
-            store.set_state(&msg.at(), State::Failed)?;
+        if outcome.is_err() {
+            store.fail_pending(&msg.at())?;
         }
         // Report only once the message itself is on disk here (the recipient acked only
         // once it was on disk there). The delivered or failed mark reaches the disk with
@@ -730,12 +730,13 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
     let last = (contact.last_handshake > 0).then_some(contact.last_handshake);
     let (transport, msg2) = answer.accept(&contact.identity_key, last, unix_now_ns()).map_err(|e: SessionError| e.to_string())?;
     // Record the timestamp atomically before answering, so a replay (now or
-    // concurrently) fails. It reaches the disk with the session's first flush, before
-    // anything in the session is acknowledged, so a replay after a restart fails too;
-    // only a crash in the few milliseconds between this answer and that flush forgets
-    // it, and an initiation replayed then gets a message 2 nobody can use (finishing
-    // the handshake takes the dialer's ephemeral key). Not waiting for the disk here
-    // saves a flush on every first message.
+    // concurrently) fails. It reaches the disk with the session's first flush (or the
+    // flusher's linger), before anything in the session is acknowledged, so a replay
+    // after a restart fails too. Only a crash before that flush forgets it; an initiation
+    // replayed then gets a message 2 nobody can use (finishing the handshake takes the
+    // dialer's ephemeral key), though its session replaces a live one with the dialer
+    // (SECURITY.md, step 4). Not waiting for the disk here saves a flush on every first
+    // message.
     let mut refused = false;
     inner
         .store

@@ -74,7 +74,7 @@ async fn run_session(
         tokio::select! {
             batch = incoming.recv() => {
                 let Some(batch) = batch else { break "stream ended".to_string() };
-                let (mut failed, before) = (None, owed.len());
+                let (mut failed, before, expected) = (None, owed.len(), waiting.len());
                 for frame in batch {
                     let message = match transport.open_with(&frame, &mut plain) {
                         Ok(m) => m,
@@ -91,8 +91,10 @@ async fn run_session(
                     // One flush covers everything this batch stored.
                     // With nothing else queued here, flushing on this thread saves the
                     // hand-off to the flusher thread and back; under load the flusher
-                    // works alongside while this session reads on.
-                    let idle = incoming.is_empty() && queue.is_empty();
+                    // works alongside while this session reads on. Not when this batch
+                    // woke a sender: the task woken last waits in this worker's own
+                    // slot, which no other worker takes, and would wait out the flush.
+                    let idle = incoming.is_empty() && queue.is_empty() && waiting.len() == expected;
                     let here = if idle { flush_in_place(inner.store.as_ref()) } else { None };
                     let point = here.unwrap_or_else(|| inner.store.written());
                     owed.iter_mut().skip(before).for_each(|(at, _)| *at = point);
