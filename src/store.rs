@@ -34,19 +34,24 @@
 //! [`Store::wait_durable`] (the store's flusher thread starts on it at once, and keeps
 //! flushing while points keep coming), or flushes on its own thread with
 //! [`flush_in_place`] when no flush is under way. The receiving session does the
-//! latter: a flush then costs no hand-off to another thread and back, which on an idle
-//! machine is most of a round trip's software time. A write nobody takes a point for
-//! reaches the disk with the next flush, or within [`LINGER`] (twice that at worst, when
-//! the linger ends during a flush in place that began before the write).
+//! latter when it is otherwise idle: the flush then costs no hand-off to another thread
+//! and back (about 0.13× of a round trip's baseline on two cores). A write nobody takes
+//! a point for reaches the disk with the next flush, or within 100 ms (twice that at
+//! worst, when the linger ends during a flush in place that began before the write).
+//! The group commit itself is in `store/commit.rs`.
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{IdentityKey, NoiseBinding};
 use crate::username::Username;
+
+mod commit;
+use commit::Commits;
+pub use commit::{durable, flush_in_place, Durability};
 
 pub const SCHEMA_VERSION: u64 = 3;
 
@@ -182,173 +187,6 @@ pub trait Store: Send + Sync {
     }
 }
 
-/// [`Store::flush_here`] from async code, on the runtime worker that calls it, when the
-/// runtime has other workers to run everything else meanwhile; `None` on a runtime with
-/// one worker, outside a runtime, or when a flush is under way.
-///
-/// This holds one worker for one flush (about 100 µs here, milliseconds on a slow
-/// disk). Measured on two cores, that beats both alternatives for a lone message: the
-/// flusher thread's hand-off and wake-up cost a round trip about 0.13× of its
-/// baseline, and [`tokio::task::block_in_place`] (which moves the worker's queue to
-/// another thread first) about as much.
-pub fn flush_in_place(store: &dyn Store) -> Option<u64> {
-    let runtime = tokio::runtime::Handle::try_current().ok()?;
-    if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread || runtime.metrics().num_workers() < 2 || store.flushing() {
-        return None;
-    }
-    store.flush_here()
-}
-
-/// Waits, without blocking the thread, until every write up to `point` is on disk.
-pub async fn durable(store: &dyn Store, point: u64) -> Result<(), StoreError> {
-    let mut progress = store.durability();
-    let reached = progress.wait_for(|d| d.covers(point).is_some()).await.map_err(|_| StoreError::NotDurable)?;
-    let outcome = reached.covers(point);
-    outcome.unwrap_or(Err(StoreError::NotDurable))
-}
-
-/// How far the flusher got: every write up to `flushed` is on disk; the flush that was
-/// to cover writes up to `failed` did not succeed (and no later one has yet).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Durability {
-    pub flushed: u64,
-    pub failed: u64,
-    /// Flushes done so far; with the write count, how many writes each flush covered.
-    pub flushes: u64,
-}
-
-impl Durability {
-    /// `Some(Ok)` once `point` is on disk, `Some(Err)` if its flush failed, `None` while
-    /// it is still to come.
-    pub fn covers(&self, point: u64) -> Option<Result<(), StoreError>> {
-        if self.flushed >= point {
-            Some(Ok(()))
-        } else if self.failed >= point {
-            Some(Err(StoreError::NotDurable))
-        } else {
-            None
-        }
-    }
-}
-
-/// How long a write nobody waits for may stay off disk before the flusher thread flushes
-/// it (twice this at worst: see the module docs).
-const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// The group-commit flusher shared by a store and its thread.
-struct Commits {
-    state: Mutex<CommitState>,
-    /// Wakes the flusher: something was written, or the store is closing.
-    work: Condvar,
-    /// Wakes blocking waiters after each flush.
-    done: Condvar,
-    progress: tokio::sync::watch::Sender<Durability>,
-}
-
-#[derive(Default)]
-struct CommitState {
-    written: u64,
-    /// Highest point that should be on disk as soon as possible; writes past it may
-    /// wait up to [`LINGER`] for a flush.
-    urgent: u64,
-    /// Highest point a flush was attempted for.
-    attempted: u64,
-    /// A flush is under way (by the flusher thread or in place).
-    flushing: bool,
-    /// The flusher thread is waiting for work: only then is it worth a wake-up call
-    /// (each costs a system call, some tens of µs on a virtual machine).
-    idle: bool,
-    /// Threads blocked in [`Store::wait_durable`].
-    waiters: usize,
-    durability: Durability,
-    closing: bool,
-}
-
-impl Commits {
-    fn state(&self) -> std::sync::MutexGuard<'_, CommitState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Counts one applied write. Nobody is woken: a write goes to disk with the next
-    /// flush, the one for the next commit point taken, or after [`LINGER`] at the latest.
-    fn wrote(&self) {
-        self.state().written += 1;
-    }
-
-    /// Marks the start of a flush covering everything applied so far, and returns that
-    /// point; `None` if a flush is under way already.
-    fn begin_flush(state: &mut CommitState) -> Option<u64> {
-        if state.flushing {
-            return None;
-        }
-        state.flushing = true;
-        state.attempted = state.written;
-        Some(state.written)
-    }
-
-    /// Flushes (the caller has begun it) and publishes the outcome. A panic inside sled
-    /// counts as a failed flush: on a session's worker it would otherwise leave the
-    /// store marked as flushing for good, and every waiter (and `Drop`) waiting.
-    fn flush(&self, db: &sled::Db, target: u64) {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.flush()))
-            .unwrap_or_else(|_| Err(sled::Error::ReportableBug("the flush panicked".into())));
-        let mut state = self.state();
-        state.flushing = false;
-        match result {
-            Ok(_) => {
-                state.durability.flushed = state.durability.flushed.max(target);
-                state.durability.flushes += 1;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "history database flush failed");
-                state.durability.failed = state.durability.failed.max(target);
-            }
-        }
-        // Publish to async watchers under the lock, so that anyone who sees this flush
-        // through the lock (a blocking waiter) also sees it through the watch.
-        self.progress.send_replace(state.durability);
-        // Points taken during a flush in place are the flusher thread's to cover.
-        let more = state.urgent > state.attempted && state.idle;
-        let waiters = state.waiters > 0;
-        drop(state);
-        if waiters {
-            self.done.notify_all();
-        }
-        if more {
-            self.work.notify_one();
-        }
-    }
-
-    /// The flusher thread: flushes while there are commit points no flush has covered,
-    /// then sleeps until there are more; other writes wait up to [`LINGER`]. Flushes
-    /// what is left before the store closes.
-    fn run(&self, db: &sled::Db) {
-        loop {
-            let target = {
-                let mut state = self.state();
-                loop {
-                    let wanted = state.urgent > state.attempted || (state.closing && state.written > state.attempted);
-                    if wanted && !state.flushing {
-                        break;
-                    }
-                    if state.closing && !state.flushing {
-                        return;
-                    }
-                    state.idle = true;
-                    let (next, timeout) = self.work.wait_timeout(state, LINGER).unwrap_or_else(|p| p.into_inner());
-                    state = next;
-                    state.idle = false;
-                    if timeout.timed_out() && state.written > state.attempted && !state.flushing {
-                        break;
-                    }
-                }
-                Self::begin_flush(&mut state).expect("no flush under way")
-            };
-            self.flush(db, target);
-        }
-    }
-}
-
 pub struct SledStore {
     db: sled::Db,
     chat: sled::Tree,
@@ -446,12 +284,7 @@ impl SledStore {
                 }
             }
         }
-        let commits = Arc::new(Commits {
-            state: Mutex::new(CommitState::default()),
-            work: Condvar::new(),
-            done: Condvar::new(),
-            progress: tokio::sync::watch::channel(Durability::default()).0,
-        });
+        let commits = Arc::new(Commits::new());
         let flusher = {
             let (commits, db) = (commits.clone(), db.clone());
             std::thread::Builder::new()
@@ -545,8 +378,7 @@ impl Drop for SledStore {
     /// Flushes what is left and waits for the flusher, so the database can be opened
     /// again as soon as this returns.
     fn drop(&mut self) {
-        self.commits.state().closing = true;
-        self.commits.work.notify_one();
+        self.commits.close();
         if let Some(flusher) = self.flusher.take() {
             let _ = flusher.join();
         }
@@ -655,45 +487,23 @@ impl Store for SledStore {
     }
 
     fn written(&self) -> u64 {
-        // Whoever takes a commit point means to wait for it: lazy writes before it
-        // become urgent.
-        let mut state = self.commits.state();
-        let point = state.written;
-        if state.urgent < point {
-            state.urgent = point;
-            let idle = state.idle;
-            drop(state);
-            if idle {
-                self.commits.work.notify_one();
-            }
-        }
-        point
+        self.commits.point()
     }
 
     fn wait_durable(&self, point: u64) -> Result<(), StoreError> {
-        let mut state = self.commits.state();
-        loop {
-            if let Some(outcome) = state.durability.covers(point) {
-                return outcome;
-            }
-            state.waiters += 1;
-            state = self.commits.done.wait(state).unwrap_or_else(|p| p.into_inner());
-            state.waiters -= 1;
-        }
+        self.commits.wait(point)
     }
 
     fn durability(&self) -> tokio::sync::watch::Receiver<Durability> {
-        self.commits.progress.subscribe()
+        self.commits.subscribe()
     }
 
     fn flushing(&self) -> bool {
-        self.commits.state().flushing
+        self.commits.flushing()
     }
 
     fn flush_here(&self) -> Option<u64> {
-        let target = Commits::begin_flush(&mut self.commits.state())?;
-        self.commits.flush(&self.db, target);
-        Some(target)
+        self.commits.flush_here(&self.db)
     }
 }
 
