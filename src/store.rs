@@ -519,18 +519,27 @@ mod tests {
     /// Opens a database again right after a store on it was dropped. sled 0.34's
     /// background writers can hold the file lock a moment after the store is gone
     /// (sled issues 1234 and 1289), so a busy lock is retried for up to five seconds.
-    fn open_retrying(dir: &Path) -> Result<SledStore, StoreError> {
+    /// Runs `open` again while it fails with a busy file lock, for up to five seconds.
+    fn while_locked<T, E>(mut open: impl FnMut() -> Result<T, E>, io: impl Fn(&E) -> Option<&std::io::Error>) -> Result<T, E> {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            match SledStore::open(dir) {
-                Err(StoreError::Db(sled::Error::Io(e)))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
-                {
+            match open() {
+                Err(e) if io(&e).is_some_and(|e| e.kind() == std::io::ErrorKind::WouldBlock) && std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 other => return other,
             }
         }
+    }
+
+    fn open_retrying(dir: &Path) -> Result<SledStore, StoreError> {
+        while_locked(
+            || SledStore::open(dir),
+            |e| match e {
+                StoreError::Db(sled::Error::Io(e)) => Some(e),
+                _ => None,
+            },
+        )
     }
 
     fn reopen(dir: &Path) -> SledStore {
@@ -539,15 +548,14 @@ mod tests {
 
     /// `sled::open`, retried the same way.
     fn sled_reopen(dir: &Path) -> sled::Db {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match sled::open(dir) {
-                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                other => return other.unwrap(),
-            }
-        }
+        while_locked(
+            || sled::open(dir),
+            |e| match e {
+                sled::Error::Io(e) => Some(e),
+                _ => None,
+            },
+        )
+        .unwrap()
     }
 
     fn msg(peer: &str, id: u8, at: u64, direction: Direction) -> StoredMessage {
