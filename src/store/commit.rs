@@ -69,14 +69,18 @@ pub(super) const LINGER: Duration = Duration::from_millis(100);
 /// Under load, how long after one flush began the next may begin. A flush costs about
 /// 0.13 ms of CPU here whatever it covers; flushing back to back, as soon as each one
 /// ends, spent that on a few writes each: over a quarter of all the CPU in the sustained
-/// benchmark. Waiting lets each flush cover many more writes, and delays a
-/// write by this much at most, only when writes are coming faster than flushes.
+/// benchmark. Waiting lets each flush cover many more writes. It delays a write by this
+/// much at most, and only after a flush that covered [`LOAD_WRITES`] or more, whoever
+/// made them: a message on an otherwise quiet store never waits.
 pub(super) const GATHER: Duration = Duration::from_millis(2);
 
 /// A flush that covered at least this many writes means the store is under load: the
 /// next flush gathers (see [`GATHER`]). A lone message counts one write where it is
 /// received, and two where it is sent (stored, then marked delivered).
 const LOAD_WRITES: u64 = 8;
+
+/// How many tasks may wait in [`durable`] before those that gave up are looked for.
+const PRUNE_WAKERS: usize = 1024;
 
 /// The group-commit flusher shared by a store and its thread.
 pub(super) struct Commits {
@@ -109,6 +113,10 @@ struct CommitState {
     /// Tasks waiting in [`durable`], by the point each waits for: each is told once,
     /// by the flush that decides its point.
     wakers: BTreeMap<u64, Vec<oneshot::Sender<bool>>>,
+    /// Registered wakers, and how many there may be before those whose task gave up
+    /// are dropped (a flush that never ends would otherwise keep them all).
+    registered: usize,
+    prune_at: usize,
     /// When the last flush began, and how many writes it covered.
     last_flush: Option<(Instant, u64)>,
     durability: Durability,
@@ -181,7 +189,18 @@ impl Commits {
         let mut state = self.state();
         match state.durability.covers(point) {
             Some(outcome) => _ = tx.send(outcome.is_ok()),
-            None => state.wakers.entry(point).or_default().push(tx),
+            None => {
+                if state.registered >= state.prune_at {
+                    state.wakers.retain(|_, wakers| {
+                        wakers.retain(|w| !w.is_closed());
+                        !wakers.is_empty()
+                    });
+                    state.registered = state.wakers.values().map(Vec::len).sum();
+                    state.prune_at = (state.registered * 2).max(PRUNE_WAKERS);
+                }
+                state.registered += 1;
+                state.wakers.entry(point).or_default().push(tx);
+            }
         }
         rx
     }
@@ -222,7 +241,10 @@ impl Commits {
             return None;
         }
         state.flushing = true;
-        state.last_flush = Some((Instant::now(), state.written - state.attempted));
+        // A flush of nothing (say, a batch of resends) says nothing about load.
+        if state.written > state.attempted {
+            state.last_flush = Some((Instant::now(), state.written - state.attempted));
+        }
         state.attempted = state.written;
         Some(state.written)
     }
@@ -251,6 +273,7 @@ impl Commits {
         let decided = state.durability.flushed.max(state.durability.failed);
         let undecided = state.wakers.split_off(&decided.saturating_add(1));
         let woken = std::mem::replace(&mut state.wakers, undecided);
+        state.registered -= woken.values().map(Vec::len).sum::<usize>();
         let flushed = state.durability.flushed;
         // Points taken during a flush in place are the flusher thread's to cover.
         let more = state.urgent > state.attempted && state.idle;
@@ -300,5 +323,24 @@ impl Commits {
             };
             self.flush(db, target);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakers_of_tasks_that_gave_up_are_dropped_even_if_no_flush_comes() {
+        let commits = Commits::new(LINGER, GATHER);
+        for _ in 0..10 * PRUNE_WAKERS {
+            drop(commits.on_durable(1));
+        }
+        let kept = commits.on_durable(2);
+        let state = commits.state();
+        assert!(state.registered <= PRUNE_WAKERS + 1, "{} wakers kept", state.registered);
+        assert_eq!(state.registered, state.wakers.values().map(Vec::len).sum::<usize>());
+        drop(state);
+        drop(kept);
     }
 }
