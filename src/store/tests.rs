@@ -1,0 +1,417 @@
+//! Tests of the history store and its group commit, through [`SledStore`].
+
+use super::*;
+use std::time::Duration;
+
+fn name(s: &str) -> Username {
+    Username::parse(s).unwrap()
+}
+
+/// Opens a database again right after a store on it was dropped. sled 0.34's
+/// background writers can hold the file lock a moment after the store is gone
+/// (sled issues 1234 and 1289), so a busy lock is retried for up to five seconds.
+/// Runs `open` again while it fails with a busy file lock, for up to five seconds.
+fn while_locked<T, E>(mut open: impl FnMut() -> Result<T, E>, io: impl Fn(&E) -> Option<&std::io::Error>) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match open() {
+            Err(e) if io(&e).is_some_and(|e| e.kind() == std::io::ErrorKind::WouldBlock) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_retrying(dir: &Path) -> Result<SledStore, StoreError> {
+    while_locked(
+        || SledStore::open(dir),
+        |e| match e {
+            StoreError::Db(sled::Error::Io(e)) => Some(e),
+            _ => None,
+        },
+    )
+}
+
+fn reopen(dir: &Path) -> SledStore {
+    open_retrying(dir).unwrap()
+}
+
+/// `sled::open`, retried the same way.
+fn sled_reopen(dir: &Path) -> sled::Db {
+    while_locked(
+        || sled::open(dir),
+        |e| match e {
+            sled::Error::Io(e) => Some(e),
+            _ => None,
+        },
+    )
+    .unwrap()
+}
+
+fn msg(peer: &str, id: u8, at: u64, direction: Direction) -> StoredMessage {
+    StoredMessage {
+        id: [id; 16],
+        peer: name(peer),
+        direction,
+        body: format!("m{id}"),
+        sent_at: at,
+        stored_at: at,
+        state: if direction == Direction::In { State::Received } else { State::Pending },
+    }
+}
+
+#[test]
+fn insert_is_idempotent_per_peer_direction_and_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    assert!(s.insert(&msg("bob", 1, 10, Direction::In)).unwrap());
+    assert!(!s.insert(&msg("bob", 1, 11, Direction::In)).unwrap(), "a resend is stored once");
+    assert!(s.insert(&msg("bob", 1, 12, Direction::Out)).unwrap(), "our own id space is separate");
+    assert!(!s.insert(&msg("bob", 1, 12, Direction::Out)).unwrap(), "an outgoing message is stored once");
+    assert!(s.insert(&msg("carol", 1, 13, Direction::In)).unwrap(), "another peer's id space is separate");
+    assert_eq!(s.last(Some(&name("bob")), 10).unwrap().len(), 2);
+}
+
+#[test]
+fn last_n_is_oldest_first_and_per_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    for i in 0..30u8 {
+        s.insert(&msg(if i % 2 == 0 { "bob" } else { "bobby" }, i, 1000 + u64::from(i), Direction::In)).unwrap();
+    }
+    let bob = s.last(Some(&name("bob")), 5).unwrap();
+    assert_eq!(bob.iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![20, 22, 24, 26, 28]);
+    assert!(bob.iter().all(|m| m.peer == name("bob")), "the prefix must not leak into bobby");
+    let all = s.last(None, 3).unwrap();
+    assert_eq!(all.iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![27, 28, 29]);
+}
+
+#[test]
+fn ack_marks_only_our_outgoing_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap();
+    s.insert(&msg("bob", 2, 11, Direction::In)).unwrap();
+    let ours = msg("bob", 1, 10, Direction::Out).at();
+    let theirs = msg("bob", 2, 11, Direction::In).at();
+    assert!(s.set_state(&ours, State::Delivered).unwrap());
+    assert!(!s.set_state(&theirs, State::Delivered).unwrap(), "an incoming message is not ours to ack");
+    assert!(!s.set_state(&MessageRef { direction: Direction::Out, ..theirs.clone() }, State::Delivered).unwrap());
+    assert!(!s.set_state(&MessageRef { peer: name("carol"), ..ours.clone() }, State::Delivered).unwrap(), "carol cannot ack bob's message");
+    assert_eq!(s.message(&ours).unwrap().unwrap().state, State::Delivered);
+    assert_eq!(s.message(&theirs).unwrap().unwrap().state, State::Received);
+    assert_eq!(s.incoming(&name("bob"), &[2; 16]).unwrap().unwrap().stored_at, 11);
+    assert!(s.incoming(&name("bob"), &[1; 16]).unwrap().is_none(), "outgoing ids are not in the incoming index");
+}
+
+#[test]
+fn a_late_ack_is_not_overwritten_by_the_failure_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    let (delivered, pending) = (msg("bob", 1, 10, Direction::Out), msg("bob", 2, 11, Direction::Out));
+    s.insert(&delivered).unwrap();
+    s.insert(&pending).unwrap();
+    assert!(s.set_state(&delivered.at(), State::Delivered).unwrap());
+    assert!(!s.fail_pending(&delivered.at()).unwrap(), "delivered stays delivered");
+    assert!(s.fail_pending(&pending.at()).unwrap());
+    assert!(!s.fail_pending(&msg("bob", 3, 12, Direction::Out).at()).unwrap(), "no such message");
+    assert_eq!(s.message(&delivered.at()).unwrap().unwrap().state, State::Delivered);
+    assert_eq!(s.message(&pending.at()).unwrap().unwrap().state, State::Failed);
+}
+
+#[test]
+fn writes_count_toward_commit_points_and_become_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    assert_eq!(s.written(), 0);
+    s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap();
+    assert!(!s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap());
+    assert_eq!(s.written(), 1, "a duplicate writes nothing");
+    s.set_state(&msg("bob", 1, 10, Direction::Out).at(), State::Delivered).unwrap();
+    assert!(!s.set_state(&msg("bob", 9, 10, Direction::Out).at(), State::Delivered).unwrap());
+    assert_eq!(s.written(), 2, "an unknown id writes nothing");
+    let point = s.written();
+    s.wait_durable(point).unwrap();
+    assert!(s.durability().borrow().flushed >= point);
+    assert!(s.durability().borrow().flushes >= 1);
+}
+
+#[test]
+fn concurrent_writers_all_reach_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(reopen(dir.path()));
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..25u8 {
+                    let mut m = msg("bob", i, 1000 + u64::from(t) * 100 + u64::from(i), Direction::In);
+                    m.id[1] = t;
+                    assert!(s.insert(&m).unwrap());
+                    s.wait_durable(s.written()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let progress = *s.durability().borrow();
+    assert_eq!(progress.flushed, 100);
+    drop(s);
+    let s = reopen(dir.path());
+    assert_eq!(s.last(None, 1000).unwrap().len(), 100);
+}
+
+#[test]
+fn async_waiters_wake_after_the_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        for i in 0..10u8 {
+            s.insert(&msg("bob", i, 10 + u64::from(i), Direction::In)).unwrap();
+            durable(&s, s.written()).await.unwrap();
+            assert!(s.durability().borrow().flushed > u64::from(i));
+        }
+    });
+}
+
+#[test]
+fn a_flush_in_place_covers_every_write_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    for i in 0..3u8 {
+        s.insert(&msg("bob", i, 10 + u64::from(i), Direction::In)).unwrap();
+    }
+    // Outside a runtime, and on one with a single worker, it is never done here.
+    assert_eq!(flush_in_place(&s), None);
+    let one = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    assert_eq!(one.block_on(async { flush_in_place(&s) }), None);
+    let two = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let (point, s) = two.block_on(async {
+        tokio::spawn(async move {
+            // `None` only while the flusher thread is flushing (after the linger).
+            loop {
+                match flush_in_place(&s) {
+                    Some(point) => break (point, s),
+                    None => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        })
+        .await
+        .unwrap()
+    });
+    assert_eq!(point, 3, "the point covers every write so far");
+    let done = *s.durability().borrow();
+    assert_eq!((done.flushed, done.failed), (3, 0));
+    assert!(!s.flushing());
+    // The flusher thread still covers points taken afterwards.
+    s.insert(&msg("bob", 9, 20, Direction::In)).unwrap();
+    s.wait_durable(s.written()).unwrap();
+    drop(s);
+    let s = reopen(dir.path());
+    assert_eq!(s.last(Some(&name("bob")), 10).unwrap().len(), 4);
+}
+
+#[test]
+fn under_load_the_next_flush_gathers_and_closing_flushes_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A linger and a gather no test machine outlasts: every outcome below is
+    // decided by counts, and nothing is flushed but by the calls here.
+    let hour = Duration::from_secs(3600);
+    let s = SledStore::open_with(dir.path(), hour, hour).unwrap();
+    let mut at = 10;
+    let mut write = |s: &SledStore, n: u64| {
+        for _ in 0..n {
+            at += 1;
+            assert!(s.insert(&msg("bob", at as u8, at, Direction::In)).unwrap());
+        }
+    };
+    write(&s, 2);
+    assert_eq!(s.flush_here(), Some(2));
+    write(&s, 1);
+    assert_eq!(s.flush_here(), Some(3), "a flush of two writes is no load: the next flushes at once");
+    write(&s, 8);
+    assert_eq!(s.flush_here(), Some(11));
+    write(&s, 1);
+    assert_eq!(s.flush_here(), None, "after a flush of eight writes, the flusher thread gathers");
+    let mut waiting = s.on_durable(s.written());
+    // The flusher thread was woken by the point, and waits out the gather too.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(waiting.try_recv().is_err(), "flushed before the gather ended");
+    // Closing does not gather: what is left is flushed, and the waiter told.
+    drop(s);
+    assert!(answer(waiting));
+    let s = reopen(dir.path());
+    assert_eq!(s.last(Some(&name("bob")), 100).unwrap().len(), 12);
+}
+
+#[test]
+fn an_async_waiter_is_told_once_its_own_point_is_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    s.insert(&msg("bob", 1, 10, Direction::In)).unwrap();
+    let point = s.written();
+    let mut next = s.on_durable(point + 1);
+    s.wait_durable(point).unwrap();
+    assert_eq!(s.on_durable(point).try_recv(), Ok(true), "a point already on disk is answered at once");
+    assert!(next.try_recv().is_err(), "a flush short of the point does not answer it");
+    s.insert(&msg("bob", 2, 11, Direction::In)).unwrap();
+    assert_eq!(s.written(), point + 1);
+    assert!(answer(next));
+}
+
+/// What a waiter registered with [`Store::on_durable`] was told; fails the test
+/// rather than hang if nothing answers within 10 s.
+fn answer(mut waiting: tokio::sync::oneshot::Receiver<bool>) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match waiting.try_recv() {
+            Ok(told) => return told,
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => panic!("the waiter was not answered: {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_state_change_nobody_waits_for_still_reaches_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    let m = msg("bob", 1, 10, Direction::Out);
+    s.insert(&m).unwrap();
+    s.wait_durable(s.written()).unwrap();
+    let before = *s.durability().borrow();
+    assert!(s.set_state(&m.at(), State::Delivered).unwrap());
+    let mut progress = s.durability();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let flushed = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), progress.wait_for(|d| d.flushed > before.flushed)).await.map(|d| *d.unwrap())
+    });
+    assert_eq!(flushed.expect("the lazy write was flushed").flushed, before.flushed + 1);
+    // And a point taken after a lazy write is flushed at once, not after the linger.
+    assert!(s.set_state(&m.at(), State::Failed).unwrap());
+    s.wait_durable(s.written()).unwrap();
+    drop(s);
+    let s = reopen(dir.path());
+    assert_eq!(s.message(&m.at()).unwrap().unwrap().state, State::Failed);
+}
+
+#[test]
+fn durability_answers_per_point() {
+    let d = Durability { flushed: 5, failed: 8, flushes: 2 };
+    assert!(matches!(d.covers(5), Some(Ok(()))));
+    assert!(matches!(d.covers(7), Some(Err(StoreError::NotDurable))));
+    assert!(d.covers(9).is_none());
+}
+
+#[test]
+fn a_message_cut_short_by_a_crash_is_completed_once_by_the_resend() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    let first = msg("bob", 3, 500, Direction::In);
+    // What survives a crash after the first of the two writes.
+    s.chat.insert(incoming_key(&first.peer, &first.id), &500u64.to_be_bytes()).unwrap();
+    assert!(s.last(None, 10).unwrap().is_empty(), "a dangling index entry is not a message");
+    let resent = StoredMessage { stored_at: 900, ..first.clone() };
+    assert!(s.insert(&resent).unwrap(), "the resend completes the message");
+    assert!(!s.insert(&resent).unwrap(), "and only once");
+    let stored = s.last(Some(&name("bob")), 10).unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].stored_at, 500, "under the key chosen the first time");
+    assert_eq!(s.last(None, 10).unwrap().len(), 1);
+}
+
+#[test]
+fn a_damaged_id_index_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    let m = msg("bob", 4, 500, Direction::In);
+    s.chat.insert(incoming_key(&m.peer, &m.id), &b"short"[..]).unwrap();
+    assert!(matches!(s.insert(&m), Err(StoreError::Corrupt("id index"))));
+}
+
+/// Writes five messages (three with bob, two with carol, one of carol's ours) in an
+/// older schema's layout.
+fn old_database(dir: &Path, schema: u64) {
+    let db = sled::open(dir).unwrap();
+    db.open_tree("meta").unwrap().insert("schema", &schema.to_be_bytes()).unwrap();
+    let (messages, ids, times) = match schema {
+        1 => (db.open_tree("messages").unwrap(), db.open_tree("ids").unwrap(), db.open_tree("by_time").unwrap()),
+        _ => {
+            let history = db.open_tree("history").unwrap();
+            (history.clone(), history.clone(), history)
+        }
+    };
+    let kind = |k: u8| if schema == 1 { vec![] } else { vec![k] };
+    for i in 0..5u8 {
+        let m = msg(if i < 3 { "bob" } else { "carol" }, i, 100 + u64::from(i), if i == 4 { Direction::Out } else { Direction::In });
+        let key = [&kind(b'm')[..], m.peer.as_str().as_bytes(), &[0], &m.stored_at.to_be_bytes(), &m.id].concat();
+        messages.insert(&key, encode(&m)).unwrap();
+        let id = [&kind(b'i')[..], m.peer.as_str().as_bytes(), &[0, m.direction as u8], &m.id].concat();
+        ids.insert(id, key.as_slice()).unwrap();
+        let time = [&kind(b't')[..], &m.stored_at.to_be_bytes(), &m.id, &[m.direction as u8]].concat();
+        times.insert(time, key.as_slice()).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+#[test]
+fn older_schemas_are_migrated_on_open() {
+    for schema in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        old_database(dir.path(), schema);
+        let s = reopen(dir.path());
+        let bob = s.last(Some(&name("bob")), 10).unwrap();
+        assert_eq!(bob.iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![0, 1, 2], "schema {schema}");
+        assert_eq!(s.last(None, 10).unwrap().iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        assert!(!s.insert(&msg("carol", 3, 999, Direction::In)).unwrap(), "the incoming index came across");
+        assert!(s.set_state(&msg("carol", 4, 104, Direction::Out).at(), State::Delivered).unwrap(), "ours can still be acked");
+        drop(s);
+        let db = sled_reopen(dir.path());
+        let names = db.tree_names();
+        for old in ["messages", "ids", "by_time", "history"] {
+            assert!(!names.iter().any(|t| t.as_ref() == old.as_bytes()), "schema {schema}: {old} is gone");
+        }
+        assert_eq!(db.open_tree("meta").unwrap().get("schema").unwrap().unwrap().as_ref(), &SCHEMA_VERSION.to_be_bytes());
+    }
+}
+
+#[test]
+fn last_overall_merges_every_peer_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    // Interleaved in time across peers whose names prefix one another.
+    let peers = ["bob", "bobby", "al_ice", "zed"];
+    for i in 0..40u8 {
+        let direction = if i % 3 == 0 { Direction::Out } else { Direction::In };
+        s.insert(&msg(peers[usize::from(i) * 7 % 4], i, 1000 + u64::from(i) * 10, direction)).unwrap();
+    }
+    // Two at the same millisecond: both kept, ordered by id.
+    s.insert(&msg("zed", 200, 5000, Direction::In)).unwrap();
+    s.insert(&msg("bob", 201, 5000, Direction::In)).unwrap();
+    let all = s.last(None, 12).unwrap();
+    let mut want: Vec<u8> = (30..40).collect();
+    want.extend([200, 201]);
+    assert_eq!(all.iter().map(|m| m.id[0]).collect::<Vec<_>>(), want);
+    assert_eq!(s.last(None, 1000).unwrap().len(), 42);
+    assert!(s.last(None, 0).unwrap().is_empty());
+}
+
+#[test]
+fn survives_reopen_and_checks_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = reopen(dir.path());
+        s.insert(&msg("bob", 1, 10, Direction::In)).unwrap();
+    }
+    let s = reopen(dir.path());
+    assert_eq!(s.last(None, 10).unwrap().len(), 1);
+    drop(s);
+    sled_reopen(dir.path()).open_tree("meta").unwrap().insert("schema", &9u64.to_be_bytes()).unwrap();
+    assert!(matches!(open_retrying(dir.path()), Err(StoreError::Schema(9))));
+}
