@@ -32,8 +32,8 @@
 //! before it reports a message sent, the receiver before it acknowledges one) either
 //! takes a commit point with [`Store::written`] and waits for it with [`durable`] or
 //! [`Store::wait_durable`] (the store's flusher thread starts on it at once, or within
-//! 2 ms under load, and keeps flushing while points keep coming), or flushes on its own thread with
-//! [`flush_in_place`] when no flush is under way. The receiving session does the
+//! 2 ms under load, and keeps flushing while points keep coming), or flushes on its own
+//! thread with [`flush_in_place`] when no flush is under way. The receiving session does the
 //! latter when it is otherwise idle: the flush then costs no hand-off to another thread
 //! and back (about 0.13× of a round trip's baseline on two cores). A write nobody takes
 //! a point for reaches the disk with the next flush, or within 100 ms (twice that at

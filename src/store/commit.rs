@@ -66,10 +66,11 @@ impl Durability {
 /// it (twice this at worst: see the parent module's docs).
 pub(super) const LINGER: Duration = Duration::from_millis(100);
 
-/// Under load, how long after one flush began the next may begin. A flush costs about
-/// 0.13 ms of CPU here whatever it covers; flushing back to back, as soon as each one
-/// ends, spent that on a few writes each: over a quarter of all the CPU in the sustained
-/// benchmark. Waiting lets each flush cover many more writes. It delays a write by this
+/// Under load, how long after one flush began the next may begin. What a flush costs
+/// (waking this thread and sled's writers, the system call, waking the waiters) hardly
+/// depends on what it covers; flushing back to back, as soon as each one ended, spent it
+/// on a few writes each: over a quarter of all the CPU in the sustained benchmark.
+/// Waiting lets each flush cover many more writes. It delays a write by this
 /// much at most, and only after a flush that covered [`LOAD_WRITES`] or more, whoever
 /// made them: a message on an otherwise quiet store never waits.
 pub(super) const GATHER: Duration = Duration::from_millis(2);
