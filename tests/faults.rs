@@ -328,10 +328,8 @@ fn ok_in(ns: &str, user: &User, args: &[&str]) -> String {
 fn up_in(ns: &str, user: &User, listen: &str) -> Running {
     let mut child = in_netns(ns, &user.cmd(&["up", "--listen", listen])).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
     let running = Running(child);
-    assert!(line.contains("is online"), "{}'s up in {ns} said: {line:?}", user.name);
+    wait_until_online(&mut reader, &user.name);
     std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     running
 }

@@ -339,8 +339,9 @@ fn flow(verbosity: Verbosity) {
     assert_eq!(status.code(), Some(3), "bob is not online yet");
 
     let listen = ["up", "--listen", "127.0.0.1:0"];
-    let mut up_alice = flow.start("up", Some(&alice.home), &alice.args(&listen), true, "is online");
-    let mut up_bob = flow.start("up", Some(&bob.home), &bob.args(&listen), true, "is online");
+    // Each waits for its own presence ("NAME is online at"), not a contact's.
+    let mut up_alice = flow.start("up", Some(&alice.home), &alice.args(&listen), true, &format!("{} is online at", alice.name));
+    let mut up_bob = flow.start("up", Some(&bob.home), &bob.args(&listen), true, &format!("{} is online at", bob.name));
     let (alice_up_out, bob_up_out) = (flow.captured[flow.captured.len() - 2].stdout.clone(), flow.captured.last().unwrap().stdout.clone());
 
     assert!(flow.ok("send", Some(&alice.home), &alice.args(&["send", "bob", &bodies[0]]), false).contains("delivered to bob"));
@@ -608,7 +609,8 @@ fn a_profile_refuses_what_others_could_read_or_replace() {
     let out_file = root.path().join("up.out");
     cmd.env("XDG_RUNTIME_DIR", root.path().join("run")).stdout(Stdio::from(fs::File::create(&out_file).unwrap())).stderr(Stdio::null());
     let mut up = Kill(cmd.spawn().unwrap());
-    assert!(eventually(Duration::from_secs(60), || fs::read_to_string(&out_file).unwrap().contains("is online")));
+    let online = format!("{} is online at", user.name);
+    assert!(eventually(Duration::from_secs(60), || fs::read_to_string(&out_file).unwrap().contains(&online)));
     up.stop("INT");
     assert_private_tree(&user.home);
 

@@ -143,16 +143,31 @@ impl User {
         stdout(&out)
     }
 
-    /// Starts `sotto up` and waits until it says it is online.
+    /// Starts `sotto up` and waits until it says that this user is online.
     pub fn up(&self) -> Running {
         let mut child = self.cmd(&["up"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("up starts");
         let mut reader = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("up prints");
-        assert!(line.contains("is online"), "up said: {line:?}");
+        wait_until_online(&mut reader, &self.name);
         // Keep draining its output so it never writes into a closed pipe.
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         Running(child)
+    }
+}
+
+/// Reads `sotto up`'s output until it says that `name` is online ("NAME is online at
+/// SERVER"). Lines about contacts ("[12:00:00] bob is online") can come first: the
+/// contact watch and the presence publish run side by side.
+pub fn wait_until_online(reader: &mut impl BufRead, name: &str) {
+    let online = format!("{name} is online at ");
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).expect("up prints");
+        assert!(n > 0, "up ended before saying {online:?}; it said: {said:?}");
+        if line.starts_with(&online) {
+            return;
+        }
+        said.push_str(&line);
     }
 }
 
