@@ -1,30 +1,41 @@
 //! A profile's local database: message history, contacts and the handshake replay
 //! guard, behind the [`Store`] trait; [`SledStore`] is the engine used today.
 //!
-//! sled trees (schema 3):
+//! sled trees (schema 4):
 //!
 //! ```text
-//! meta       "schema" → 3
-//! chat       "m" ‖ peer ‖ 0x00 ‖ stored_at_ms (u64 BE) ‖ id ‖ direction  → postcard(StoredMessage)
-//!            "i" ‖ peer ‖ 0x00 ‖ id                                    → stored_at_ms (u64 BE)
-//! contacts   username                                                  → postcard(Contact)
+//! meta       "schema" → 4
+//! chat       "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ id ‖ 1        → postcard(StoredMessage), one we sent
+//!            "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ batch ‖ 2     → postcard(Vec<StoredMessage>), received together
+//!            "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ id ‖ 0        → postcard(StoredMessage), received by schema ≤ 3
+//!            "s" ‖ peer ‖ 0 ‖ sent_at_ms >> 1 (u64 BE)              → postcard(Seen): incoming ids, where stored
+//!            "s" ‖ peer ‖ 0 ‖ sent_at_ms >> 1 ‖ sent_at_ms ‖ id     → postcard(Place), once that bucket is full
+//! contacts   username                                              → postcard(Contact)
 //! ```
 //!
 //! "Last N with bob" is one reverse prefix scan of `m`; "last N overall" merges the
-//! reverse scans of every peer's prefix. `i` indexes *incoming* messages only: it makes
-//! a resent message land once. An outgoing message needs no index: the session that
-//! carries it keeps its [`MessageRef`], which finds it directly when the ack arrives.
-//! So a received message is two writes, a sent one is two (stored, then marked
-//! delivered), and each write is a plain insert: sled's batches and transactions take a
-//! process-wide lock that waits for every flush in progress, which made each write cost
-//! a whole flush.
+//! reverse scans of every peer's prefix. A batch's 16 bytes are a number counting this
+//! process's batches and 8 bytes of its first id, so batches stored in the same
+//! millisecond keep their order.
 //!
-//! An incoming message is written `i` first, then `m`, under the store's own lock. sled
-//! recovers a prefix of its log after a crash, so a cut-short message has its `i` entry
-//! but no `m`; the sender never got an ack for it (acks wait for the flush), sends it
-//! again, and the retry completes it under the time chosen the first time, so it is
-//! stored exactly once. Schemas 1 and 2 (which also kept a time index and indexed
-//! outgoing ids) are migrated on open.
+//! What a peer sends in one go is stored in one go ([`Store::receive`]): the messages
+//! go into batch values of about 4 KiB, and their ids into the buckets of `s`, keyed
+//! by the sender's clock, which a resend carries unchanged. One such batch is about
+//! three writes whatever it holds, where storing messages one by one took two writes
+//! each: each sled write clones and relinks a tree node, and later frees the old one,
+//! at 10 µs or more of CPU. The buckets are bounded (64 ids; past that, each id
+//! is an entry of its own), so a sender whose clock stands still costs a write per
+//! message and no more. An outgoing message needs no index: the session that carries
+//! it keeps its [`MessageRef`], which finds it directly when the ack arrives. So a sent
+//! message is two writes (stored, then marked delivered), and each write is a plain
+//! insert: sled's batches and transactions take a process-wide lock that waits for
+//! every flush in progress, which made each write cost a whole flush.
+//!
+//! The ids are written first, the batches after, under the store's own lock. sled
+//! recovers a prefix of its log after a crash, so a cut-short batch leaves ids whose
+//! place holds nothing; their sender never got an ack (acks wait for the flush), sends
+//! them again, and the retry is stored and its id moved to the new place, so each
+//! message is stored exactly once. Schemas 1 to 3 are migrated on open.
 //!
 //! Durability is a group commit. A write returns once it is applied; one flush (about
 //! 100 µs to a few ms) then covers every write applied before it, instead of one flush
@@ -58,7 +69,7 @@ mod commit;
 use commit::Commits;
 pub use commit::{durable, flush_in_place, Durability};
 
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -150,10 +161,14 @@ pub struct Contact {
 /// What sotto needs from a history engine. Writes are applied when they return and
 /// durable once a commit point taken after them is (see the module docs).
 pub trait Store: Send + Sync {
-    /// Adds a message; `true` if added. An incoming message is added unless one with the
-    /// same (peer, id) exists, whatever its time: a resend is stored once. An outgoing
-    /// one is added unless that very message (same [`MessageRef`]) exists.
+    /// Adds a message; `true` if added. An outgoing message is added unless that very
+    /// message (same [`MessageRef`]) exists; an incoming one as by [`receive`](Store::receive).
     fn insert(&self, msg: &StoredMessage) -> Result<bool, StoreError>;
+    /// Adds incoming messages (others are refused), in order, together: a few writes
+    /// however many there are. For each, `true` if added: a message is added unless one
+    /// from the same peer with the same id and `sent_at` is stored (a resend is stored
+    /// once, whenever it comes) or came earlier in `msgs`.
+    fn receive(&self, msgs: &[StoredMessage]) -> Result<Vec<bool>, StoreError>;
     /// Sets the state of an outgoing message; `false` if there is no outgoing message
     /// at `at`.
     fn set_state(&self, at: &MessageRef, state: State) -> Result<bool, StoreError>;
@@ -161,8 +176,8 @@ pub trait Store: Send + Sync {
     /// marked it delivered meanwhile wins. `true` if it was marked.
     fn fail_pending(&self, at: &MessageRef) -> Result<bool, StoreError>;
     fn message(&self, at: &MessageRef) -> Result<Option<StoredMessage>, StoreError>;
-    /// The incoming message from `peer` with this id, wherever it was filed.
-    fn incoming(&self, peer: &Username, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError>;
+    /// The incoming message from `peer` with this `sent_at` and id, wherever it was filed.
+    fn incoming(&self, peer: &Username, sent_at: u64, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError>;
     /// The newest `limit` messages, with `peer` or with anyone, oldest first.
     fn last(&self, peer: Option<&Username>, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
     fn contact(&self, user: &Username) -> Result<Option<Contact>, StoreError>;
@@ -204,59 +219,176 @@ pub struct SledStore {
     contacts: sled::Tree,
     /// Serialises message writes, so a check and the writes that follow are atomic.
     write: Mutex<()>,
+    /// Numbers this process's batches of incoming messages, so that batches stored in
+    /// the same millisecond keep their order.
+    batches: std::sync::atomic::AtomicU64,
     commits: Arc<Commits>,
     flusher: Option<JoinHandle<()>>,
 }
 
 const MESSAGE: u8 = b'm';
-const INCOMING: u8 = b'i';
+const SEEN: u8 = b's';
+/// Schema 3's incoming id index, replaced by [`SEEN`].
+const OLD_INDEX: u8 = b'i';
+
+/// The last byte of a message key: [`Direction`] as u8 for one message, or this for a
+/// batch of incoming messages stored together.
+const BATCH: u8 = 2;
+/// A batch of incoming messages is cut at about this many encoded bytes. sled writes a
+/// leaf (up to 17 values) whole when it consolidates it, and a leaf over 128 KiB goes to
+/// a file of its own, a system call or more per write.
+const BATCH_BYTES: usize = 4096;
+/// Incoming ids are recorded in buckets of the sender's clock this coarse (`sent_at >>
+/// SEEN_SHIFT`, 2 ms): the messages a batch brings were sent close together, so one
+/// batch updates one bucket or two.
+const SEEN_SHIFT: u32 = 1;
+/// Ids a bucket holds in itself; past this (a sender whose clock stands still, or more
+/// than 64 messages in 2 ms), each further id is an entry of its own.
+const SEEN_CAP: usize = 64;
 
 fn peer_prefix(peer: &Username) -> Vec<u8> {
-    let mut k = Vec::with_capacity(59);
-    k.push(MESSAGE);
+    keyed(MESSAGE, peer)
+}
+
+fn keyed(kind: u8, peer: &Username) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.push(kind);
     k.extend_from_slice(peer.as_str().as_bytes());
     k.push(0);
     k
 }
 
 fn message_key(at: &MessageRef) -> Vec<u8> {
-    let mut k = peer_prefix(&at.peer);
-    k.extend_from_slice(&at.stored_at.to_be_bytes());
-    k.extend_from_slice(&at.id);
-    k.push(at.direction as u8);
-    k
+    Place { stored_at: at.stored_at, id: at.id, kind: at.direction as u8 }.key(&at.peer)
 }
 
-fn incoming_key(peer: &Username, id: &[u8; 16]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(50);
-    k.push(INCOMING);
-    k.extend_from_slice(peer.as_str().as_bytes());
-    k.push(0);
-    k.extend_from_slice(id);
-    k
+/// Where an incoming message was stored: the rest of its message key after the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Place {
+    stored_at: u64,
+    id: [u8; 16],
+    /// [`BATCH`], or `Direction::In` for a message stored alone by schema 3 or before.
+    kind: u8,
 }
 
-/// Adds `msg` (with its index entry, if incoming) to a migration batch.
-fn migrate_one(batch: &mut sled::Batch, msg: &StoredMessage) {
-    if msg.direction == Direction::In {
-        batch.insert(incoming_key(&msg.peer, &msg.id), &msg.stored_at.to_be_bytes());
+impl Place {
+    fn key(&self, peer: &Username) -> Vec<u8> {
+        let mut k = peer_prefix(peer);
+        k.extend_from_slice(&self.stored_at.to_be_bytes());
+        k.extend_from_slice(&self.id);
+        k.push(self.kind);
+        k
     }
-    batch.insert(message_key(&msg.at()), encode(msg));
 }
 
-/// Moves an older database's messages into the schema-3 tree. Safe to run again after
-/// a crash part way: it rewrites the same keys, and the old trees go only after the new
+/// The incoming ids of one peer whose `sent_at` falls in one bucket.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Seen {
+    places: Vec<Place>,
+    /// `sent_at`, id, and the index of its place.
+    ids: Vec<(u64, [u8; 16], u16)>,
+    /// The bucket reached [`SEEN_CAP`]: later ids are entries of their own.
+    full: bool,
+}
+
+impl Seen {
+    fn find(&self, sent_at: u64, id: &[u8; 16]) -> Result<Option<Place>, StoreError> {
+        let Some(&(_, _, p)) = self.ids.iter().find(|(t, i, _)| *t == sent_at && i == id) else { return Ok(None) };
+        self.places.get(usize::from(p)).copied().map(Some).ok_or(StoreError::Corrupt("id bucket"))
+    }
+
+    /// Records where an id is stored (replacing a place recorded before); `false` if
+    /// the bucket is full and the id is not in it.
+    fn set(&mut self, sent_at: u64, id: [u8; 16], place: Place) -> bool {
+        let existing = self.ids.iter().position(|(t, i, _)| *t == sent_at && *i == id);
+        if existing.is_none() && (self.full || self.ids.len() >= SEEN_CAP) {
+            self.full = true;
+            return false;
+        }
+        let p = match self.places.iter().position(|q| *q == place) {
+            Some(p) => p,
+            None => {
+                self.places.push(place);
+                self.places.len() - 1
+            }
+        };
+        let p = u16::try_from(p).expect("a place is added only with an id, and a bucket has at most SEEN_CAP ids");
+        match existing {
+            Some(e) => self.ids[e].2 = p,
+            None => self.ids.push((sent_at, id, p)),
+        }
+        true
+    }
+}
+
+fn seen_key(peer: &Username, sent_at: u64) -> Vec<u8> {
+    let mut k = keyed(SEEN, peer);
+    k.extend_from_slice(&(sent_at >> SEEN_SHIFT).to_be_bytes());
+    k
+}
+
+/// The entry of its own an id gets once its bucket is full.
+fn overflow_key(bucket: &[u8], sent_at: u64, id: &[u8; 16]) -> Vec<u8> {
+    [bucket, &sent_at.to_be_bytes(), id].concat()
+}
+
+/// The messages a message key's value holds, oldest first.
+fn messages_in(key: &[u8], value: &[u8]) -> Result<Vec<StoredMessage>, StoreError> {
+    if key.last() == Some(&BATCH) {
+        decode(value, "message batch")
+    } else {
+        Ok(vec![decode(value, "message")?])
+    }
+}
+
+/// Records an incoming message's id in the buckets a migration builds.
+fn migrate_seen(seen: &mut std::collections::BTreeMap<Vec<u8>, Seen>, batch: &mut sled::Batch, msg: &StoredMessage) {
+    if msg.direction != Direction::In {
+        return;
+    }
+    let bucket = seen_key(&msg.peer, msg.sent_at);
+    let place = Place { stored_at: msg.stored_at, id: msg.id, kind: Direction::In as u8 };
+    if !seen.entry(bucket.clone()).or_default().set(msg.sent_at, msg.id, place) {
+        batch.insert(overflow_key(&bucket, msg.sent_at, &msg.id), encode(&place));
+    }
+}
+
+/// Brings an older database to schema 4: messages of schemas 1 and 2 move into the
+/// `chat` tree, and the incoming ids (schema 3's `i` index, or found in the messages)
+/// go into the buckets of [`SEEN`]. Safe to run again after a crash part way: it
+/// rebuilds the same keys from the messages, and the old trees go only after the new
 /// schema number is on disk.
 fn migrate(db: &sled::Db, chat: &sled::Tree, meta: &sled::Tree, from: u64) -> Result<(), StoreError> {
-    let (source, prefix, old_trees): (&str, &[u8], &[&str]) = match from {
-        1 => ("messages", b"", &["messages", "ids", "by_time"]),
-        _ => ("history", &[MESSAGE], &["history"]),
-    };
-    let old = db.open_tree(source)?;
     let mut batch = sled::Batch::default();
-    for item in old.scan_prefix(prefix) {
-        let msg: StoredMessage = decode(&item?.1, "message")?;
-        migrate_one(&mut batch, &msg);
+    let mut seen = std::collections::BTreeMap::new();
+    let old_trees: &[&str] = match from {
+        1 | 2 => {
+            let (source, prefix, old_trees): (&str, &[u8], &[&str]) = match from {
+                1 => ("messages", b"", &["messages", "ids", "by_time"]),
+                _ => ("history", &[MESSAGE], &["history"]),
+            };
+            for item in db.open_tree(source)?.scan_prefix(prefix) {
+                let msg: StoredMessage = decode(&item?.1, "message")?;
+                migrate_seen(&mut seen, &mut batch, &msg);
+                batch.insert(message_key(&msg.at()), encode(&msg));
+            }
+            old_trees
+        }
+        _ => {
+            for item in chat.scan_prefix([MESSAGE]) {
+                let (key, value) = item?;
+                for msg in messages_in(&key, &value)? {
+                    migrate_seen(&mut seen, &mut batch, &msg);
+                }
+            }
+            for item in chat.scan_prefix([OLD_INDEX]) {
+                batch.remove(item?.0);
+            }
+            &[]
+        }
+    };
+    for (bucket, ids) in seen {
+        batch.insert(bucket, encode(&ids));
     }
     chat.apply_batch(batch)?;
     db.flush()?;
@@ -294,7 +426,7 @@ impl SledStore {
                 let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("schema"))?;
                 match u64::from_be_bytes(v) {
                     SCHEMA_VERSION => {}
-                    v @ (1 | 2) => migrate(&db, &chat, &meta, v)?,
+                    v @ (1..=3) => migrate(&db, &chat, &meta, v)?,
                     v => return Err(StoreError::Schema(v)),
                 }
             }
@@ -307,7 +439,15 @@ impl SledStore {
                 .spawn(move || commits.run(&db))
                 .map_err(|e| StoreError::Db(sled::Error::Io(e)))?
         };
-        Ok(Self { chat, contacts: db.open_tree("contacts")?, db, write: Mutex::new(()), commits, flusher: Some(flusher) })
+        Ok(Self {
+            chat,
+            contacts: db.open_tree("contacts")?,
+            db,
+            write: Mutex::new(()),
+            batches: Default::default(),
+            commits,
+            flusher: Some(flusher),
+        })
     }
 
     fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -327,7 +467,7 @@ impl SledStore {
         if let Some(state) = next(msg.state).filter(|s| *s != msg.state) {
             msg.state = state;
             self.chat.insert(key, encode(&msg))?;
-            self.commits.wrote();
+            self.commits.wrote(1);
         }
         Ok(true)
     }
@@ -353,40 +493,169 @@ impl SledStore {
     /// The newest `limit` messages with anyone, newest first: a merge of every peer's
     /// reverse scan.
     fn newest_overall(&self, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut scans: Vec<_> = self.peer_prefixes()?.into_iter().map(|p| self.chat.scan_prefix(p).rev()).collect();
+        let mut scans: Vec<Newest> = self.peer_prefixes()?.into_iter().map(|p| Newest::new(&self.chat, p)).collect();
         let mut heads = std::collections::BinaryHeap::with_capacity(scans.len());
         for (i, scan) in scans.iter_mut().enumerate() {
-            heads.extend(next_head(scan, i)?);
+            heads.extend(Head::next(scan, i)?);
         }
         let mut out = Vec::with_capacity(limit.min(1024));
         while out.len() < limit {
-            let Some(Head { scan, value, .. }) = heads.pop() else { break };
-            out.push(decode(&value, "message")?);
-            heads.extend(next_head(&mut scans[scan], scan)?);
+            let Some(head) = heads.pop() else { break };
+            heads.extend(Head::next(&mut scans[head.scan], head.scan)?);
+            out.push(head.msg);
         }
         Ok(out)
+    }
+
+    /// Stores the new messages among `msgs` that came from `peer` (see
+    /// [`Store::receive`]); the caller holds the write lock.
+    fn receive_from(&self, peer: &Username, msgs: &[StoredMessage], added: &mut [bool]) -> Result<(), StoreError> {
+        let mut buckets: Vec<(Vec<u8>, Seen)> = Vec::new();
+        let mut taken = std::collections::HashSet::new();
+        let mut fresh = Vec::new();
+        for (i, msg) in msgs.iter().enumerate() {
+            if &msg.peer != peer || msg.direction != Direction::In || !taken.insert((msg.sent_at, msg.id)) {
+                continue;
+            }
+            let key = seen_key(peer, msg.sent_at);
+            let b = match buckets.iter().position(|(k, _)| *k == key) {
+                Some(b) => b,
+                None => {
+                    let seen = self.chat.get(&key)?.map(|v| decode(&v, "id bucket")).transpose()?.unwrap_or_default();
+                    buckets.push((key, seen));
+                    buckets.len() - 1
+                }
+            };
+            let (key, seen) = &buckets[b];
+            let earlier = match seen.find(msg.sent_at, &msg.id)? {
+                Some(place) => Some(place),
+                None if seen.full => self.chat.get(overflow_key(key, msg.sent_at, &msg.id))?.map(|v| decode(&v, "id entry")).transpose()?,
+                None => None,
+            };
+            // An id whose message is missing was recorded just before a crash cut the
+            // write short (the sender got no ack for it): this copy completes it.
+            if let Some(place) = earlier {
+                if self.holds(peer, place, &msg.id)? {
+                    continue;
+                }
+            }
+            fresh.push((i, b));
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        // Cut into batches, each recorded under its place; ids first, messages last.
+        let mut batches: Vec<(Place, Vec<&StoredMessage>)> = Vec::new();
+        let mut size = BATCH_BYTES;
+        let mut overflow = Vec::new();
+        for &(i, b) in &fresh {
+            let msg = &msgs[i];
+            let len = msg.body.len() + msg.peer.as_str().len() + 64;
+            if size + len > BATCH_BYTES {
+                let n = self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&n.to_be_bytes());
+                id[8..].copy_from_slice(&msg.id[..8]);
+                batches.push((Place { stored_at: msg.stored_at, id, kind: BATCH }, Vec::new()));
+                size = 0;
+            }
+            size += len;
+            let (place, batch) = batches.last_mut().expect("a batch was begun");
+            batch.push(msg);
+            let (key, seen) = &mut buckets[b];
+            if !seen.set(msg.sent_at, msg.id, *place) {
+                overflow.push((overflow_key(key, msg.sent_at, &msg.id), *place));
+            }
+            added[i] = true;
+        }
+        for (key, seen) in &buckets {
+            self.chat.insert(key.as_slice(), encode(seen))?;
+        }
+        for (key, place) in &overflow {
+            self.chat.insert(key.as_slice(), encode(place))?;
+        }
+        for (place, batch) in &batches {
+            self.chat.insert(place.key(peer), encode(batch))?;
+        }
+        self.commits.wrote(fresh.len() as u64);
+        Ok(())
+    }
+
+    /// Whether the message key at `place` holds the message `id`.
+    fn holds(&self, peer: &Username, place: Place, id: &[u8; 16]) -> Result<bool, StoreError> {
+        let key = place.key(peer);
+        Ok(match self.chat.get(&key)? {
+            Some(value) => messages_in(&key, &value)?.iter().any(|m| &m.id == id),
+            None => false,
+        })
+    }
+}
+
+/// One peer's messages, newest first: a reverse scan of its prefix that opens batches.
+struct Newest {
+    scan: std::iter::Rev<sled::Iter>,
+    prefix_len: usize,
+    /// The key after the peer's prefix (time, id, kind) of the value being read, and
+    /// what is left of it, oldest first.
+    place: Vec<u8>,
+    held: Vec<StoredMessage>,
+}
+
+impl Newest {
+    fn new(chat: &sled::Tree, prefix: Vec<u8>) -> Self {
+        Self { prefix_len: prefix.len(), scan: chat.scan_prefix(prefix).rev(), place: Vec::new(), held: Vec::new() }
+    }
+
+    fn next(&mut self) -> Result<Option<StoredMessage>, StoreError> {
+        loop {
+            if let Some(msg) = self.held.pop() {
+                return Ok(Some(msg));
+            }
+            let Some(item) = self.scan.next() else { return Ok(None) };
+            let (key, value) = item?;
+            if key.len() != self.prefix_len + 8 + 16 + 1 {
+                return Err(StoreError::Corrupt("message key"));
+            }
+            self.held = messages_in(&key, &value)?;
+            self.place.clear();
+            self.place.extend_from_slice(&key[self.prefix_len..]);
+        }
     }
 }
 
 /// The next message of one peer's reverse scan, ordered for the merge by time, id,
-/// direction and then peer, so the order is total.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
+/// kind, place within its batch and then peer, so the order is total.
 struct Head {
-    order: Vec<u8>,
-    peer: Vec<u8>,
+    order: (Vec<u8>, usize),
+    peer: Username,
     scan: usize,
-    value: sled::IVec,
+    msg: StoredMessage,
 }
 
-fn next_head(scan: &mut std::iter::Rev<sled::Iter>, index: usize) -> Result<Option<Head>, StoreError> {
-    let Some(item) = scan.next() else { return Ok(None) };
-    let (key, value) = item?;
-    let split = key.iter().position(|&b| b == 0).ok_or(StoreError::Corrupt("message key"))?;
-    let (peer, rest) = key.split_at(split);
-    if rest.len() != 1 + 8 + 16 + 1 {
-        return Err(StoreError::Corrupt("message key"));
+impl Head {
+    fn next(scan: &mut Newest, index: usize) -> Result<Option<Head>, StoreError> {
+        Ok(scan.next()?.map(|msg| Head { order: (scan.place.clone(), scan.held.len()), peer: msg.peer.clone(), scan: index, msg }))
     }
-    Ok(Some(Head { order: rest[1..].to_vec(), peer: peer.to_vec(), scan: index, value }))
+}
+
+impl PartialEq for Head {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Head {}
+
+impl PartialOrd for Head {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Head {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.order, self.peer.as_str()).cmp(&(&other.order, other.peer.as_str()))
+    }
 }
 
 impl Drop for SledStore {
@@ -402,35 +671,27 @@ impl Drop for SledStore {
 
 impl Store for SledStore {
     fn insert(&self, msg: &StoredMessage) -> Result<bool, StoreError> {
-        if msg.direction == Direction::Out {
-            let added = self.chat.compare_and_swap(message_key(&msg.at()), None::<&[u8]>, Some(encode(msg)))?.is_ok();
-            if added {
-                self.commits.wrote();
-            }
-            return Ok(added);
+        if msg.direction == Direction::In {
+            return Ok(self.receive(std::slice::from_ref(msg))?[0]);
         }
-        let index = incoming_key(&msg.peer, &msg.id);
+        let added = self.chat.compare_and_swap(message_key(&msg.at()), None::<&[u8]>, Some(encode(msg)))?.is_ok();
+        if added {
+            self.commits.wrote(1);
+        }
+        Ok(added)
+    }
+
+    fn receive(&self, msgs: &[StoredMessage]) -> Result<Vec<bool>, StoreError> {
+        let mut added = vec![false; msgs.len()];
         let _write = self.lock_writes();
-        // Index first, message last: any prefix of the two that survives a crash is
-        // completed by the next delivery of the same message. One compare-and-swap
-        // both looks for an earlier copy and claims the id.
-        let first = self.chat.compare_and_swap(&index, None::<&[u8]>, Some(&msg.stored_at.to_be_bytes()[..]))?;
-        let msg = match first.err().and_then(|e| e.current) {
-            Some(at) => {
-                let at: [u8; 8] = at.as_ref().try_into().map_err(|_| StoreError::Corrupt("id index"))?;
-                let first = StoredMessage { stored_at: u64::from_be_bytes(at), ..msg.clone() };
-                if self.chat.contains_key(message_key(&first.at()))? {
-                    return Ok(false);
-                }
-                // A crash came between the index entry and the message: finish the
-                // write under the time chosen then, so the message is stored once.
-                first
+        let mut done: Vec<&Username> = Vec::new();
+        for msg in msgs {
+            if !done.contains(&&msg.peer) {
+                self.receive_from(&msg.peer, msgs, &mut added)?;
+                done.push(&msg.peer);
             }
-            None => msg.clone(),
-        };
-        self.chat.insert(message_key(&msg.at()), encode(&msg))?;
-        self.commits.wrote();
-        Ok(true)
+        }
+        Ok(added)
     }
 
     fn set_state(&self, at: &MessageRef, state: State) -> Result<bool, StoreError> {
@@ -450,18 +711,29 @@ impl Store for SledStore {
         self.chat.get(message_key(at))?.map(|b| decode(&b, "message")).transpose()
     }
 
-    fn incoming(&self, peer: &Username, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError> {
-        let Some(at) = self.chat.get(incoming_key(peer, id))? else { return Ok(None) };
-        let at: [u8; 8] = at.as_ref().try_into().map_err(|_| StoreError::Corrupt("id index"))?;
-        self.message(&MessageRef { peer: peer.clone(), direction: Direction::In, stored_at: u64::from_be_bytes(at), id: *id })
+    fn incoming(&self, peer: &Username, sent_at: u64, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError> {
+        let key = seen_key(peer, sent_at);
+        let Some(seen) = self.chat.get(&key)?.map(|v| decode::<Seen>(&v, "id bucket")).transpose()? else { return Ok(None) };
+        let place = match seen.find(sent_at, id)? {
+            Some(place) => place,
+            None => match self.chat.get(overflow_key(&key, sent_at, id))? {
+                Some(v) => decode(&v, "id entry")?,
+                None => return Ok(None),
+            },
+        };
+        let key = place.key(peer);
+        let Some(value) = self.chat.get(&key)? else { return Ok(None) };
+        Ok(messages_in(&key, &value)?.into_iter().find(|m| &m.id == id))
     }
 
     fn last(&self, peer: Option<&Username>, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
         let mut out = match peer {
             Some(peer) => {
                 let mut out = Vec::with_capacity(limit.min(1024));
-                for item in self.chat.scan_prefix(peer_prefix(peer)).rev().take(limit) {
-                    out.push(decode(&item?.1, "message")?);
+                let mut newest = Newest::new(&self.chat, peer_prefix(peer));
+                while out.len() < limit {
+                    let Some(msg) = newest.next()? else { break };
+                    out.push(msg);
                 }
                 out
             }
@@ -477,7 +749,7 @@ impl Store for SledStore {
 
     fn put_contact(&self, contact: &Contact) -> Result<(), StoreError> {
         self.contacts.insert(contact.username.as_str(), encode(contact))?;
-        self.commits.wrote();
+        self.commits.wrote(1);
         Ok(())
     }
 
@@ -491,7 +763,7 @@ impl Store for SledStore {
             let current = old.as_ref().map(|b| decode::<Contact>(b, "contact")).transpose()?;
             let Some(new) = f(current.clone()) else { return Ok(current) };
             if self.contacts.compare_and_swap(user.as_str(), old, Some(encode(&new)))?.is_ok() {
-                self.commits.wrote();
+                self.commits.wrote(1);
                 return Ok(Some(new));
             }
         }

@@ -229,10 +229,12 @@ impl Commits {
         self.work.notify_one();
     }
 
-    /// Counts one applied write. Nobody is woken: a write goes to disk with the next
-    /// flush, the one for the next commit point taken, or after [`LINGER`] at the latest.
-    pub(super) fn wrote(&self) {
-        self.state().written += 1;
+    /// Counts applied writes: one for each message a batch of incoming messages stored
+    /// (what matters for [`LOAD_WRITES`] is how much is coming in). Nobody is woken: a
+    /// write goes to disk with the next flush, the one for the next commit point taken,
+    /// or after [`LINGER`] at the latest.
+    pub(super) fn wrote(&self, writes: u64) {
+        self.state().written += writes;
     }
 
     /// Marks the start of a flush covering everything applied so far, and returns that

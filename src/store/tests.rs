@@ -66,7 +66,8 @@ fn insert_is_idempotent_per_peer_direction_and_id() {
     let dir = tempfile::tempdir().unwrap();
     let s = reopen(dir.path());
     assert!(s.insert(&msg("bob", 1, 10, Direction::In)).unwrap());
-    assert!(!s.insert(&msg("bob", 1, 11, Direction::In)).unwrap(), "a resend is stored once");
+    let resend = StoredMessage { stored_at: 11, ..msg("bob", 1, 10, Direction::In) };
+    assert!(!s.insert(&resend).unwrap(), "a resend is stored once");
     assert!(s.insert(&msg("bob", 1, 12, Direction::Out)).unwrap(), "our own id space is separate");
     assert!(!s.insert(&msg("bob", 1, 12, Direction::Out)).unwrap(), "an outgoing message is stored once");
     assert!(s.insert(&msg("carol", 1, 13, Direction::In)).unwrap(), "another peer's id space is separate");
@@ -100,9 +101,8 @@ fn ack_marks_only_our_outgoing_message() {
     assert!(!s.set_state(&MessageRef { direction: Direction::Out, ..theirs.clone() }, State::Delivered).unwrap());
     assert!(!s.set_state(&MessageRef { peer: name("carol"), ..ours.clone() }, State::Delivered).unwrap(), "carol cannot ack bob's message");
     assert_eq!(s.message(&ours).unwrap().unwrap().state, State::Delivered);
-    assert_eq!(s.message(&theirs).unwrap().unwrap().state, State::Received);
-    assert_eq!(s.incoming(&name("bob"), &[2; 16]).unwrap().unwrap().stored_at, 11);
-    assert!(s.incoming(&name("bob"), &[1; 16]).unwrap().is_none(), "outgoing ids are not in the incoming index");
+    assert_eq!(s.incoming(&name("bob"), 11, &[2; 16]).unwrap().unwrap().state, State::Received);
+    assert!(s.incoming(&name("bob"), 10, &[1; 16]).unwrap().is_none(), "outgoing ids are not in the incoming index");
 }
 
 #[test]
@@ -314,25 +314,82 @@ fn a_message_cut_short_by_a_crash_is_completed_once_by_the_resend() {
     let dir = tempfile::tempdir().unwrap();
     let s = reopen(dir.path());
     let first = msg("bob", 3, 500, Direction::In);
-    // What survives a crash after the first of the two writes.
-    s.chat.insert(incoming_key(&first.peer, &first.id), &500u64.to_be_bytes()).unwrap();
-    assert!(s.last(None, 10).unwrap().is_empty(), "a dangling index entry is not a message");
+    // What survives a crash after the first of the two writes: the id is recorded,
+    // its batch is not.
+    let mut seen = Seen::default();
+    assert!(seen.set(first.sent_at, first.id, Place { stored_at: 500, id: [9; 16], kind: BATCH }));
+    s.chat.insert(seen_key(&first.peer, first.sent_at), encode(&seen)).unwrap();
+    assert!(s.last(None, 10).unwrap().is_empty(), "a dangling id is not a message");
     let resent = StoredMessage { stored_at: 900, ..first.clone() };
     assert!(s.insert(&resent).unwrap(), "the resend completes the message");
     assert!(!s.insert(&resent).unwrap(), "and only once");
+    assert!(!s.insert(&StoredMessage { stored_at: 950, ..first.clone() }).unwrap(), "whenever it comes");
     let stored = s.last(Some(&name("bob")), 10).unwrap();
-    assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0].stored_at, 500, "under the key chosen the first time");
-    assert_eq!(s.last(None, 10).unwrap().len(), 1);
+    assert_eq!(stored, vec![resent.clone()]);
+    assert_eq!(s.incoming(&name("bob"), 500, &[3; 16]).unwrap(), Some(resent));
 }
 
 #[test]
-fn a_damaged_id_index_is_an_error_not_a_panic() {
+fn a_damaged_id_bucket_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let s = reopen(dir.path());
     let m = msg("bob", 4, 500, Direction::In);
-    s.chat.insert(incoming_key(&m.peer, &m.id), &b"short"[..]).unwrap();
-    assert!(matches!(s.insert(&m), Err(StoreError::Corrupt("id index"))));
+    s.chat.insert(seen_key(&m.peer, m.sent_at), &b"short"[..]).unwrap();
+    assert!(matches!(s.insert(&m), Err(StoreError::Corrupt("id bucket"))));
+    // An id that points past the bucket's places.
+    let bad = Seen { places: vec![], ids: vec![(m.sent_at, m.id, 7)], full: false };
+    s.chat.insert(seen_key(&m.peer, m.sent_at), encode(&bad)).unwrap();
+    assert!(matches!(s.insert(&m), Err(StoreError::Corrupt("id bucket"))));
+    assert!(s.last(None, 10).unwrap().is_empty(), "nothing was half-written");
+}
+
+#[test]
+fn a_batch_is_stored_together_in_order_and_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    let written = s.written();
+    // 100 messages of 200 bytes, sent 1 ms apart: more than one batch value, and more
+    // than one id bucket.
+    let batch: Vec<StoredMessage> = (0..100u8)
+        .map(|i| StoredMessage { body: "x".repeat(200), stored_at: 7000, ..msg("bob", i, 5000 + u64::from(i), Direction::In) })
+        .collect();
+    let mut twice = batch[..10].to_vec();
+    twice.push(batch[3].clone());
+    assert_eq!(s.receive(&twice).unwrap(), [vec![true; 10], vec![false]].concat(), "a repeat within one call counts once");
+    assert_eq!(s.receive(&batch).unwrap(), [vec![false; 10], vec![true; 90]].concat(), "the first ten were stored already");
+    assert_eq!(s.written() - written, 100, "one commit step per message stored");
+    let values = s.chat.scan_prefix(peer_prefix(&name("bob"))).count();
+    assert!((2..=10).contains(&values), "100 messages in {values} values");
+    let got = s.last(Some(&name("bob")), 1000).unwrap();
+    assert_eq!(got.iter().map(|m| m.id[0]).collect::<Vec<_>>(), (0..100).collect::<Vec<_>>(), "in the order they came");
+    assert_eq!(s.last(Some(&name("bob")), 5).unwrap(), got[95..].to_vec());
+    assert_eq!(s.last(None, 7).unwrap(), got[93..].to_vec());
+    // The same id under another time is another message (only its sender could make it).
+    let other = StoredMessage { sent_at: 1, ..batch[0].clone() };
+    assert_eq!(s.receive(std::slice::from_ref(&other)).unwrap(), vec![true]);
+    // Outgoing messages are not received.
+    assert_eq!(s.receive(&[msg("bob", 200, 10, Direction::Out)]).unwrap(), vec![false]);
+    drop(s);
+    let s = reopen(dir.path());
+    assert_eq!(s.receive(&batch).unwrap(), vec![false; 100], "resends after a restart are known");
+    assert_eq!(s.last(Some(&name("bob")), 1000).unwrap().len(), 101);
+}
+
+#[test]
+fn ids_past_a_full_bucket_are_still_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    // A sender whose clock stands still: every message in one bucket.
+    let batch: Vec<StoredMessage> = (0..200u8).map(|i| msg("bob", i, 42, Direction::In)).collect();
+    assert_eq!(s.receive(&batch[..150]).unwrap(), vec![true; 150]);
+    for m in &batch[..150] {
+        assert!(!s.insert(m).unwrap(), "id {} is known", m.id[0]);
+        assert_eq!(s.incoming(&name("bob"), 42, &m.id).unwrap().as_ref(), Some(m));
+    }
+    assert_eq!(s.receive(&batch).unwrap(), [vec![false; 150], vec![true; 50]].concat());
+    let bucket: Seen = decode(&s.chat.get(seen_key(&name("bob"), 42)).unwrap().unwrap(), "id bucket").unwrap();
+    assert!(bucket.full && bucket.ids.len() == SEEN_CAP, "the bucket stays bounded");
+    assert_eq!(s.last(Some(&name("bob")), 1000).unwrap().len(), 200);
 }
 
 /// Writes five messages (three with bob, two with carol, one of carol's ours) in an
@@ -342,34 +399,55 @@ fn old_database(dir: &Path, schema: u64) {
     db.open_tree("meta").unwrap().insert("schema", &schema.to_be_bytes()).unwrap();
     let (messages, ids, times) = match schema {
         1 => (db.open_tree("messages").unwrap(), db.open_tree("ids").unwrap(), db.open_tree("by_time").unwrap()),
-        _ => {
+        2 => {
             let history = db.open_tree("history").unwrap();
             (history.clone(), history.clone(), history)
+        }
+        _ => {
+            let chat = db.open_tree("chat").unwrap();
+            (chat.clone(), chat.clone(), chat)
         }
     };
     let kind = |k: u8| if schema == 1 { vec![] } else { vec![k] };
     for i in 0..5u8 {
         let m = msg(if i < 3 { "bob" } else { "carol" }, i, 100 + u64::from(i), if i == 4 { Direction::Out } else { Direction::In });
-        let key = [&kind(b'm')[..], m.peer.as_str().as_bytes(), &[0], &m.stored_at.to_be_bytes(), &m.id].concat();
+        let mut key = [&kind(b'm')[..], m.peer.as_str().as_bytes(), &[0], &m.stored_at.to_be_bytes(), &m.id].concat();
+        if schema == 3 {
+            key.push(m.direction as u8);
+            if m.direction == Direction::In {
+                ids.insert([b"i", m.peer.as_str().as_bytes(), &[0], &m.id].concat(), &m.stored_at.to_be_bytes()).unwrap();
+            }
+            messages.insert(&key, encode(&m)).unwrap();
+            continue;
+        }
         messages.insert(&key, encode(&m)).unwrap();
         let id = [&kind(b'i')[..], m.peer.as_str().as_bytes(), &[0, m.direction as u8], &m.id].concat();
         ids.insert(id, key.as_slice()).unwrap();
         let time = [&kind(b't')[..], &m.stored_at.to_be_bytes(), &m.id, &[m.direction as u8]].concat();
         times.insert(time, key.as_slice()).unwrap();
     }
+    if schema == 3 {
+        // An index entry whose message a crash cut short.
+        ids.insert([&b"ibob"[..], &[0], &[9; 16]].concat(), &100u64.to_be_bytes()).unwrap();
+    }
     db.flush().unwrap();
 }
 
 #[test]
 fn older_schemas_are_migrated_on_open() {
-    for schema in [1, 2] {
+    for schema in [1, 2, 3] {
         let dir = tempfile::tempdir().unwrap();
         old_database(dir.path(), schema);
         let s = reopen(dir.path());
         let bob = s.last(Some(&name("bob")), 10).unwrap();
         assert_eq!(bob.iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![0, 1, 2], "schema {schema}");
         assert_eq!(s.last(None, 10).unwrap().iter().map(|m| m.id[0]).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
-        assert!(!s.insert(&msg("carol", 3, 999, Direction::In)).unwrap(), "the incoming index came across");
+        let resend = StoredMessage { stored_at: 999, ..msg("carol", 3, 103, Direction::In) };
+        assert!(!s.insert(&resend).unwrap(), "the incoming ids came across");
+        assert_eq!(s.incoming(&name("bob"), 101, &[1; 16]).unwrap().unwrap().stored_at, 101);
+        assert!(s.chat.scan_prefix([OLD_INDEX]).next().is_none(), "schema 3's index is gone");
+        let cut_short = StoredMessage { stored_at: 999, ..msg("bob", 9, 100, Direction::In) };
+        assert!(s.insert(&cut_short).unwrap(), "a message a crash cut short is taken when it comes again");
         assert!(s.set_state(&msg("carol", 4, 104, Direction::Out).at(), State::Delivered).unwrap(), "ours can still be acked");
         drop(s);
         let db = sled_reopen(dir.path());

@@ -19,6 +19,10 @@ use crate::store::{flush_in_place, Direction, Durability, MessageRef, State, Sto
 use crate::username::Username;
 use crate::wire::encode_message;
 
+/// Frames taken together from the reader, at most (more once the first batch alone
+/// is bigger): their messages are stored in one go.
+const READ_BATCH: usize = 256;
+
 pub(super) fn start_session(
     inner: &Arc<Inner>,
     peer: Username,
@@ -73,20 +77,27 @@ async fn run_session(
     let reason = loop {
         tokio::select! {
             batch = incoming.recv() => {
-                let Some(batch) = batch else { break "stream ended".to_string() };
+                let Some(mut batch) = batch else { break "stream ended".to_string() };
+                // Whatever else the reader has handed on joins this batch.
+                while batch.len() < READ_BATCH {
+                    let Ok(more) = incoming.try_recv() else { break };
+                    batch.extend(more);
+                }
                 let (mut failed, before, expected) = (None, owed.len(), waiting.len());
+                let mut chats = Vec::new();
                 for frame in batch {
                     let message = match transport.open_with(&frame, &mut plain) {
                         Ok(m) => m,
                         Err(e) => { failed = Some(e.to_string()); break }
                     };
-                    match handle_message(&inner, &peer, message, &mut waiting) {
-                        Ok(Some(id)) => owed.push_back((0, id)),
-                        Ok(None) => {}
-                        Err(e) => { failed = Some(e); break }
+                    if let Err(e) = handle_message(&inner, &peer, message, &mut waiting, &mut chats) {
+                        failed = Some(e);
+                        break;
                     }
                 }
                 if let Some(e) = failed { break e }
+                // Everything this batch brought is stored together, in a few writes.
+                if let Err(e) = store_incoming(&inner, chats, &mut owed) { break e }
                 if owed.len() > before {
                     // One flush covers everything this batch stored.
                     // With nothing else queued here, flushing on this thread saves the
@@ -181,35 +192,48 @@ async fn write_all(send: &mut quinn::SendStream, out: &mut Vec<u8>) -> Result<()
     }
 }
 
-/// Applies one decrypted message; for a stored message, returns the id to acknowledge
-/// once it is on disk.
+/// Stores the messages a batch of frames brought, and owes an ack for each (a resend
+/// too: whatever it was stored with is on disk by the time its ack goes).
+fn store_incoming(inner: &Inner, chats: Vec<StoredMessage>, owed: &mut VecDeque<(u64, [u8; 16])>) -> Result<(), String> {
+    if chats.is_empty() {
+        return Ok(());
+    }
+    let added = inner.store.receive(&chats).map_err(|e| e.to_string())?;
+    for (msg, added) in chats.into_iter().zip(added) {
+        owed.push_back((0, msg.id));
+        if added {
+            let _ = inner.events.send(AgentEvent::Received(msg));
+        }
+    }
+    Ok(())
+}
+
+/// Applies one decrypted message: an ack marks its message delivered, and a chat
+/// message joins `chats`, to be stored with the rest of its batch.
 fn handle_message(
     inner: &Inner,
     peer: &Username,
     message: PeerMessage,
     waiting: &mut HashMap<[u8; 16], Waiting>,
-) -> Result<Option<[u8; 16]>, String> {
+    chats: &mut Vec<StoredMessage>,
+) -> Result<(), String> {
     match message {
         PeerMessage::Chat { id, sent_at, body } => {
             if body.len() > MAX_BODY {
                 return Err("oversized message".into());
             }
-            let msg = StoredMessage {
+            // Messages stored together share their time.
+            let stored_at = chats.first().map_or_else(unix_now_ms, |m| m.stored_at);
+            chats.push(StoredMessage {
                 id,
                 peer: peer.clone(),
                 direction: Direction::In,
                 body,
                 sent_at,
-                stored_at: unix_now_ms(),
+                stored_at,
                 state: State::Received,
-            };
-            // Store, and ack only once it is on disk; a resend with the same id is stored
-            // once, and acked once whatever it was stored with is on disk.
-            let added = inner.store.insert(&msg).map_err(|e| e.to_string())?;
-            if added {
-                let _ = inner.events.send(AgentEvent::Received(msg));
-            }
-            Ok(Some(id))
+            });
+            Ok(())
         }
         PeerMessage::Ack { id } => {
             if let Some(Waiting { stored_at, acked }) = waiting.remove(&id) {
@@ -219,8 +243,8 @@ fn handle_message(
                 inner.store.set_state(&at, State::Delivered).map_err(|e| e.to_string())?;
                 let _ = inner.events.send(AgentEvent::Delivered { peer: peer.clone(), id });
             }
-            Ok(None)
+            Ok(())
         }
-        PeerMessage::Unknown => Ok(None),
+        PeerMessage::Unknown => Ok(()),
     }
 }
