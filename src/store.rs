@@ -5,8 +5,9 @@
 //!
 //! ```text
 //! meta       "schema" → 4
-//! chat       "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ id ‖ 1        → postcard(StoredMessage), one we sent
+//! chat       "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ batch ‖ 3     → postcard(Vec<StoredMessage>), sent together
 //!            "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ batch ‖ 2     → postcard(Vec<StoredMessage>), received together
+//!            "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ id ‖ 1        → postcard(StoredMessage), sent, stored alone
 //!            "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ id ‖ 0        → postcard(StoredMessage), received by schema ≤ 3
 //!            "s" ‖ peer ‖ 0 ‖ sent_at_ms >> 1 (u64 BE)              → postcard(Seen): incoming ids, where stored
 //!            "s" ‖ peer ‖ 0 ‖ sent_at_ms >> 1 ‖ sent_at_ms ‖ id     → postcard(Place), once that bucket is full
@@ -20,16 +21,19 @@
 //!
 //! What a peer sends in one go is stored in one go ([`Store::receive`]): the messages
 //! go into batch values of about 4 KiB, and their ids into the buckets of `s`, keyed
-//! by the sender's clock, which a resend carries unchanged. One such batch is about
-//! three writes whatever it holds, where storing messages one by one took two writes
-//! each: each sled write clones and relinks a tree node, and later frees the old one,
-//! at 10 µs or more of CPU. The buckets are bounded (64 ids; past that, each id
-//! is an entry of its own), so a sender whose clock stands still costs a write per
-//! message and no more. An outgoing message needs no index: the session that carries
-//! it keeps its [`MessageRef`], which finds it directly when the ack arrives. So a sent
-//! message is two writes (stored, then marked delivered), and each write is a plain
-//! insert: sled's batches and transactions take a process-wide lock that waits for
-//! every flush in progress, which made each write cost a whole flush.
+//! by the sender's clock, which a resend carries unchanged. Likewise what a session
+//! sends in one write is stored, pending, in one go just before it goes out
+//! ([`Store::store_sent`]), and the acks that come back together mark their messages
+//! delivered in one go ([`Store::mark_delivered`]): the session keeps each message's
+//! [`MessageRef`], which finds its batch directly. A batch is about three writes
+//! whatever it holds, where storing messages one by one took two writes each on
+//! either side: each sled write clones and relinks a tree node, and later frees the
+//! old one, at 10 µs or more of CPU. The buckets are bounded (64 ids; past that, each
+//! id is an entry of its own), so a sender whose clock stands still costs a write per
+//! message and no more. A message that no session took (its sender gave up first) is
+//! stored alone, as failed. Each write is a plain insert: sled's batches and
+//! transactions take a process-wide lock that waits for every flush in progress, which
+//! made each write cost a whole flush.
 //!
 //! The ids are written first, the batches after, under the store's own lock. sled
 //! recovers a prefix of its log after a crash, so a cut-short batch leaves ids whose
@@ -133,11 +137,14 @@ pub struct MessageRef {
     pub direction: Direction,
     pub stored_at: u64,
     pub id: [u8; 16],
+    /// The batch it was stored in with others ([`Store::store_sent`]), if any.
+    pub batch: Option<[u8; 16]>,
 }
 
 impl StoredMessage {
+    /// Where [`Store::insert`] keeps it.
     pub fn at(&self) -> MessageRef {
-        MessageRef { peer: self.peer.clone(), direction: self.direction, stored_at: self.stored_at, id: self.id }
+        MessageRef { peer: self.peer.clone(), direction: self.direction, stored_at: self.stored_at, id: self.id, batch: None }
     }
 }
 
@@ -169,9 +176,16 @@ pub trait Store: Send + Sync {
     /// from the same peer with the same id and `sent_at` is stored (a resend is stored
     /// once, whenever it comes) or came earlier in `msgs`.
     fn receive(&self, msgs: &[StoredMessage]) -> Result<Vec<bool>, StoreError>;
+    /// Adds outgoing messages together, as they go out: a write or two however many
+    /// there are. Returns where each is kept (`None` for a message that is not
+    /// outgoing, which is not stored).
+    fn store_sent(&self, msgs: &[StoredMessage]) -> Result<Vec<Option<MessageRef>>, StoreError>;
     /// Sets the state of an outgoing message; `false` if there is no outgoing message
     /// at `at`.
     fn set_state(&self, at: &MessageRef, state: State) -> Result<bool, StoreError>;
+    /// Marks outgoing messages delivered, one write for those kept together; how many
+    /// of them were found.
+    fn mark_delivered(&self, refs: &[MessageRef]) -> Result<usize, StoreError>;
     /// Marks an outgoing message failed if it is still pending, in one step: an ack that
     /// marked it delivered meanwhile wins. `true` if it was marked.
     fn fail_pending(&self, at: &MessageRef) -> Result<bool, StoreError>;
@@ -231,9 +245,10 @@ const SEEN: u8 = b's';
 /// Schema 3's incoming id index, replaced by [`SEEN`].
 const OLD_INDEX: u8 = b'i';
 
-/// The last byte of a message key: [`Direction`] as u8 for one message, or this for a
-/// batch of incoming messages stored together.
+/// The last byte of a message key: [`Direction`] as u8 for one message, or one of these
+/// for a batch of incoming or outgoing messages stored together.
 const BATCH: u8 = 2;
+const SENT_BATCH: u8 = 3;
 /// A batch of incoming messages is cut at about this many encoded bytes. sled writes a
 /// leaf (up to 17 values) whole when it consolidates it, and a leaf over 128 KiB goes to
 /// a file of its own, a system call or more per write.
@@ -259,7 +274,10 @@ fn keyed(kind: u8, peer: &Username) -> Vec<u8> {
 }
 
 fn message_key(at: &MessageRef) -> Vec<u8> {
-    Place { stored_at: at.stored_at, id: at.id, kind: at.direction as u8 }.key(&at.peer)
+    match at.batch {
+        Some(batch) => Place { stored_at: at.stored_at, id: batch, kind: SENT_BATCH }.key(&at.peer),
+        None => Place { stored_at: at.stored_at, id: at.id, kind: at.direction as u8 }.key(&at.peer),
+    }
 }
 
 /// Where an incoming message was stored: the rest of its message key after the peer.
@@ -334,7 +352,7 @@ fn overflow_key(bucket: &[u8], sent_at: u64, id: &[u8; 16]) -> Vec<u8> {
 
 /// The messages a message key's value holds, oldest first.
 fn messages_in(key: &[u8], value: &[u8]) -> Result<Vec<StoredMessage>, StoreError> {
-    if key.last() == Some(&BATCH) {
+    if key.last().is_some_and(|&k| k == BATCH || k == SENT_BATCH) {
         decode(value, "message batch")
     } else {
         Ok(vec![decode(value, "message")?])
@@ -457,19 +475,58 @@ impl SledStore {
     /// Sets an outgoing message's state to `next(current)` (`None` leaves it) under the
     /// write lock; `false` if there is no outgoing message at `at`.
     fn change_state(&self, at: &MessageRef, next: &mut dyn FnMut(State) -> Option<State>) -> Result<bool, StoreError> {
-        if at.direction != Direction::Out {
-            return Ok(false);
-        }
-        let key = message_key(at);
         let _write = self.lock_writes();
-        let Some(bytes) = self.chat.get(&key)? else { return Ok(false) };
-        let mut msg: StoredMessage = decode(&bytes, "message")?;
-        if let Some(state) = next(msg.state).filter(|s| *s != msg.state) {
-            msg.state = state;
-            self.chat.insert(key, encode(&msg))?;
-            self.commits.wrote(1);
+        self.change_states(std::slice::from_ref(at), next).map(|found| found == 1)
+    }
+
+    /// [`change_state`](Self::change_state) for several messages, each value they are
+    /// kept in read and written once; the caller holds the write lock. Returns how many
+    /// were found.
+    fn change_states(&self, refs: &[MessageRef], next: &mut dyn FnMut(State) -> Option<State>) -> Result<usize, StoreError> {
+        let mut by_key: std::collections::HashMap<Vec<u8>, (bool, Vec<[u8; 16]>)> = std::collections::HashMap::new();
+        for at in refs.iter().filter(|at| at.direction == Direction::Out) {
+            by_key.entry(message_key(at)).or_insert_with(|| (at.batch.is_some(), Vec::new())).1.push(at.id);
         }
-        Ok(true)
+        let mut found = 0;
+        for (key, (batch, ids)) in by_key {
+            let Some(bytes) = self.chat.get(&key)? else { continue };
+            let mut msgs = messages_in(&key, &bytes)?;
+            let mut changed = false;
+            for msg in msgs.iter_mut().filter(|m| m.direction == Direction::Out && ids.contains(&m.id)) {
+                found += 1;
+                if let Some(state) = next(msg.state).filter(|s| *s != msg.state) {
+                    msg.state = state;
+                    changed = true;
+                }
+            }
+            if changed {
+                let value = if batch { encode(&msgs) } else { encode(&msgs[0]) };
+                self.chat.insert(key, value)?;
+                self.commits.wrote(1);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Cuts messages into batch values of about [`BATCH_BYTES`], each under a place of
+    /// its own of `kind`, in order.
+    fn cut<'m>(&self, msgs: impl Iterator<Item = &'m StoredMessage>, kind: u8) -> Vec<(Place, Vec<&'m StoredMessage>)> {
+        let mut batches: Vec<(Place, Vec<&StoredMessage>)> = Vec::new();
+        let mut size = BATCH_BYTES;
+        for msg in msgs {
+            let len = msg.body.len() + msg.peer.as_str().len() + 64;
+            if size + len > BATCH_BYTES {
+                let n = self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&n.to_be_bytes());
+                id[8..].copy_from_slice(&msg.id[..8]);
+                batches.push((Place { stored_at: msg.stored_at, id, kind }, Vec::new()));
+                size = 0;
+            }
+            size += len;
+            batches.last_mut().expect("a batch was begun").1.push(msg);
+        }
+        batches
     }
 
     /// The key prefix of every peer with messages, in key order.
@@ -545,26 +602,14 @@ impl SledStore {
             return Ok(());
         }
         // Cut into batches, each recorded under its place; ids first, messages last.
-        let mut batches: Vec<(Place, Vec<&StoredMessage>)> = Vec::new();
-        let mut size = BATCH_BYTES;
+        let batches = self.cut(fresh.iter().map(|&(i, _)| &msgs[i]), BATCH);
+        let places = batches.iter().flat_map(|(place, batch)| batch.iter().map(move |_| *place));
         let mut overflow = Vec::new();
-        for &(i, b) in &fresh {
+        for (&(i, b), place) in fresh.iter().zip(places) {
             let msg = &msgs[i];
-            let len = msg.body.len() + msg.peer.as_str().len() + 64;
-            if size + len > BATCH_BYTES {
-                let n = self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let mut id = [0u8; 16];
-                id[..8].copy_from_slice(&n.to_be_bytes());
-                id[8..].copy_from_slice(&msg.id[..8]);
-                batches.push((Place { stored_at: msg.stored_at, id, kind: BATCH }, Vec::new()));
-                size = 0;
-            }
-            size += len;
-            let (place, batch) = batches.last_mut().expect("a batch was begun");
-            batch.push(msg);
             let (key, seen) = &mut buckets[b];
-            if !seen.set(msg.sent_at, msg.id, *place) {
-                overflow.push((overflow_key(key, msg.sent_at, &msg.id), *place));
+            if !seen.set(msg.sent_at, msg.id, place) {
+                overflow.push((overflow_key(key, msg.sent_at, &msg.id), place));
             }
             added[i] = true;
         }
@@ -694,8 +739,35 @@ impl Store for SledStore {
         Ok(added)
     }
 
+    fn store_sent(&self, msgs: &[StoredMessage]) -> Result<Vec<Option<MessageRef>>, StoreError> {
+        let mut refs = vec![None; msgs.len()];
+        let mut done: Vec<&Username> = Vec::new();
+        for msg in msgs.iter().filter(|m| m.direction == Direction::Out) {
+            if done.contains(&&msg.peer) {
+                continue;
+            }
+            done.push(&msg.peer);
+            let theirs: Vec<usize> = (0..msgs.len()).filter(|&i| msgs[i].direction == Direction::Out && msgs[i].peer == msg.peer).collect();
+            let batches = self.cut(theirs.iter().map(|&i| &msgs[i]), SENT_BATCH);
+            for (place, batch) in &batches {
+                self.chat.insert(place.key(&msg.peer), encode(batch))?;
+                self.commits.wrote(batch.len() as u64);
+            }
+            let places = batches.iter().flat_map(|(place, batch)| batch.iter().map(move |_| *place));
+            for (&i, place) in theirs.iter().zip(places) {
+                refs[i] = Some(MessageRef { batch: Some(place.id), stored_at: place.stored_at, ..msgs[i].at() });
+            }
+        }
+        Ok(refs)
+    }
+
     fn set_state(&self, at: &MessageRef, state: State) -> Result<bool, StoreError> {
         self.change_state(at, &mut |_| Some(state))
+    }
+
+    fn mark_delivered(&self, refs: &[MessageRef]) -> Result<usize, StoreError> {
+        let _write = self.lock_writes();
+        self.change_states(refs, &mut |_| Some(State::Delivered))
     }
 
     fn fail_pending(&self, at: &MessageRef) -> Result<bool, StoreError> {
@@ -708,7 +780,9 @@ impl Store for SledStore {
     }
 
     fn message(&self, at: &MessageRef) -> Result<Option<StoredMessage>, StoreError> {
-        self.chat.get(message_key(at))?.map(|b| decode(&b, "message")).transpose()
+        let key = message_key(at);
+        let Some(value) = self.chat.get(&key)? else { return Ok(None) };
+        Ok(messages_in(&key, &value)?.into_iter().find(|m| m.id == at.id && m.direction == at.direction && m.peer == at.peer))
     }
 
     fn incoming(&self, peer: &Username, sent_at: u64, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError> {

@@ -23,7 +23,7 @@ use crate::presence::PresenceRecord;
 use crate::quic::{read_frame, write_frame, write_frames};
 use crate::rendezvous::client::{verify_lookup, ClientError, RendezvousClient, VerifiedAccount, WatchEvent, LOOKUP_SKEW};
 use crate::rendezvous::proto::Refusal;
-use crate::store::{durable, Contact, Direction, State, Store, StoreError, StoredMessage};
+use crate::store::{durable, Contact, Direction, MessageRef, State, Store, StoreError, StoredMessage};
 use crate::tls::{self, CertKey};
 use crate::username::Username;
 
@@ -132,10 +132,22 @@ struct SessionHandle {
 struct Outgoing {
     /// The encoded message, sealed by the session.
     plain: Vec<u8>,
-    id: [u8; 16],
-    /// Where the message is kept here, to mark it delivered.
-    stored_at: u64,
+    /// The message as it is kept here, pending.
+    msg: StoredMessage,
+    /// Whether a session has stored it, shared by every session it is handed to.
+    slot: Arc<Mutex<Slot>>,
     acked: oneshot::Sender<()>,
+}
+
+/// What became of an outgoing message here. Changed only under [`Inner::outbox`].
+enum Slot {
+    /// Not stored yet: the first session to take it stores it, before it goes out.
+    Unstored,
+    /// Stored there, by the write that commit point covers.
+    Stored { at: MessageRef, point: u64 },
+    /// Its sender gave up before any session took it, and keeps it as failed itself:
+    /// it does not go out.
+    Abandoned,
 }
 
 /// The dialling state of one peer, held by the sender whose turn it is to dial.
@@ -147,7 +159,7 @@ struct DialTurn {
 
 /// A sent message whose ack the session is waiting for.
 struct Waiting {
-    stored_at: u64,
+    at: MessageRef,
     acked: oneshot::Sender<()>,
 }
 
@@ -163,6 +175,8 @@ struct Inner {
     /// (each new session replaces, and so closes, the one before).
     dialing: Mutex<HashMap<Username, Arc<tokio::sync::Mutex<DialTurn>>>>,
     events: broadcast::Sender<AgentEvent>,
+    /// Held while outgoing messages' [`Slot`]s change.
+    outbox: Mutex<()>,
     next_session: AtomicU64,
     last_timestamp: AtomicU64,
     /// Contacts' presence as last pushed by the node.
@@ -198,6 +212,7 @@ impl Agent {
             node: tokio::sync::Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
+            outbox: Mutex::new(()),
             events,
             next_session: AtomicU64::new(1),
             last_timestamp: AtomicU64::new(0),
@@ -278,22 +293,42 @@ impl Agent {
             stored_at: now,
             state: State::Pending,
         };
+        // The session that takes the message stores it, pending, before it goes out,
+        // with everything else it sends in that write; it marks it delivered when the
+        // ack arrives, just after it wakes us (an ack that comes after we gave up still
+        // marks it).
+        let slot = Arc::new(Mutex::new(Slot::Unstored));
+        let outcome = self.deliver(&msg, &slot).await;
+        let stored = {
+            let _outbox = lock(&self.inner.outbox);
+            let mut slot = lock(&slot);
+            match &*slot {
+                Slot::Stored { at, point } => Some((at.clone(), *point)),
+                _ => {
+                    *slot = Slot::Abandoned;
+                    None
+                }
+            }
+        };
         let store = &self.inner.store;
-        store.insert(&msg)?;
-        // The flusher starts on it as soon as the message is queued on a session (waking
-        // the flusher first would delay the message by as long), and flushes while the
-        // message travels. The session marks the message delivered when the ack arrives,
-        // just after it wakes us; an ack that comes after we gave up still marks it.
-        let mut stored = None;
-        let outcome = self.deliver(&msg, &mut || _ = *stored.get_or_insert_with(|| store.written())).await;
-        let stored = stored.unwrap_or_else(|| store.written());
-        if outcome.is_err() {
-            store.fail_pending(&msg.at())?;
-        }
+        let point = match stored {
+            Some((at, point)) => {
+                if outcome.is_err() {
+                    store.fail_pending(&at)?;
+                }
+                point
+            }
+            None => {
+                // No session took it: it never went out, and is kept as failed.
+                let state = if outcome.is_ok() { State::Delivered } else { State::Failed };
+                store.insert(&StoredMessage { state, ..msg.clone() })?;
+                store.written()
+            }
+        };
         // Report only once the message itself is on disk here (the recipient acked only
         // once it was on disk there). The delivered or failed mark reaches the disk with
         // the next flush, which starts at once; `shutdown` waits for it.
-        durable(store.as_ref(), stored).await?;
+        durable(store.as_ref(), point).await?;
         outcome.map(|()| {
             msg.state = State::Delivered;
             msg
@@ -307,15 +342,15 @@ impl Agent {
         }
     }
 
-    /// Puts `msg` on a session (dialling one if needed) and waits for its ack; calls
-    /// `queued` each time the message is handed to a session.
-    async fn deliver(&self, msg: &StoredMessage, queued: &mut (dyn FnMut() + Send)) -> Result<(), SendError> {
+    /// Puts `msg` on a session (dialling one if needed) and waits for its ack; `slot`
+    /// says whether a session has stored it.
+    async fn deliver(&self, msg: &StoredMessage, slot: &Arc<Mutex<Slot>>) -> Result<(), SendError> {
         let chat = encode_chat(&msg.id, msg.sent_at, &msg.body);
         let session_now = || lock(&self.inner.sessions).get(&msg.peer).cloned();
         let mut failed = None;
         if let Some(session) = session_now() {
             // A reused session may have died quietly; the same id makes a retry safe.
-            if push(&session, chat.clone(), msg, queued).await.is_ok() {
+            if push(&session, chat.clone(), msg, slot).await.is_ok() {
                 return Ok(());
             }
             debug!(peer = %msg.peer, "session failed; dialing again");
@@ -349,7 +384,7 @@ impl Agent {
                 }
             }
         };
-        push(&session, chat, msg, queued).await.map_err(unreachable)
+        push(&session, chat, msg, slot).await.map_err(unreachable)
     }
 
     /// Looks `user` up, verifies the answer, and checks it against the pinned contact
@@ -572,12 +607,11 @@ async fn watch_contacts(inner: Arc<Inner>) {
 
 /// Queues one message on a session, calls `queued`, and waits for the message's ack,
 /// all within [`ACK_TIMEOUT`].
-async fn push(session: &SessionHandle, plain: Vec<u8>, msg: &StoredMessage, queued: &mut (dyn FnMut() + Send)) -> Result<(), String> {
-    let (id, stored_at) = (msg.id, msg.stored_at);
+async fn push(session: &SessionHandle, plain: Vec<u8>, msg: &StoredMessage, slot: &Arc<Mutex<Slot>>) -> Result<(), String> {
     let (acked, ack) = oneshot::channel();
     let attempt = async {
-        session.outgoing.send(Outgoing { plain, id, stored_at, acked }).await.map_err(|_| "session closed".to_string())?;
-        queued();
+        let outgoing = Outgoing { plain, msg: msg.clone(), slot: slot.clone(), acked };
+        session.outgoing.send(outgoing).await.map_err(|_| "session closed".to_string())?;
         ack.await.map_err(|_| "session closed before the acknowledgement".to_string())
     };
     tokio::time::timeout(ACK_TIMEOUT, attempt).await.map_err(|_| "no acknowledgement in time".to_string())?

@@ -376,6 +376,54 @@ fn a_batch_is_stored_together_in_order_and_each_message_once() {
 }
 
 #[test]
+fn messages_sent_together_are_kept_together_and_marked_in_one_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    let written = s.written();
+    // Three peers' messages in one write, bob's more than one batch value's worth.
+    let msgs: Vec<StoredMessage> = (0..60u8)
+        .map(|i| StoredMessage { body: "y".repeat(150), ..msg(["bob", "carol", "bob"][usize::from(i % 3)], i, 3000, Direction::Out) })
+        .chain([msg("bob", 99, 3000, Direction::In)])
+        .collect();
+    let refs = s.store_sent(&msgs).unwrap();
+    assert!(refs[60].is_none(), "an incoming message is not stored as sent");
+    let refs: Vec<MessageRef> = refs.into_iter().flatten().collect();
+    assert_eq!(refs.len(), 60);
+    assert_eq!(s.written() - written, 60, "one commit step per message");
+    assert!(refs.iter().all(|r| r.batch.is_some() && r.direction == Direction::Out));
+    let bob_values = s.chat.scan_prefix(peer_prefix(&name("bob"))).count();
+    assert!((2..=8).contains(&bob_values), "40 of bob's in {bob_values} values");
+    let bob = s.last(Some(&name("bob")), 100).unwrap();
+    let want: Vec<u8> = (0..60).filter(|i| i % 3 != 1).collect();
+    assert_eq!(bob.iter().map(|m| m.id[0]).collect::<Vec<_>>(), want, "in the order they went");
+    assert!(bob.iter().all(|m| m.state == State::Pending));
+    assert_eq!(s.message(&refs[4]).unwrap().unwrap().id, [4; 16]);
+    // Acks for some of bob's and carol's, and one for a message that is not there.
+    let mut acked: Vec<MessageRef> = refs.iter().filter(|r| r.id[0] % 2 == 0).cloned().collect();
+    acked.push(MessageRef { id: [200; 16], ..refs[0].clone() });
+    let before = s.written();
+    assert_eq!(s.mark_delivered(&acked).unwrap(), 30, "every acked message found, once");
+    assert!(s.written() - before <= 8, "one write per value touched, not per message");
+    assert!(s.fail_pending(&refs[1]).unwrap(), "a pending one fails");
+    assert!(!s.fail_pending(&refs[2]).unwrap(), "a delivered one stays delivered");
+    assert!(!s.set_state(&MessageRef { direction: Direction::In, ..refs[3].clone() }, State::Delivered).unwrap());
+    drop(s);
+    let s = reopen(dir.path());
+    for (i, r) in refs.iter().enumerate() {
+        let state = s.message(r).unwrap().unwrap().state;
+        let want = if i % 2 == 0 {
+            State::Delivered
+        } else if i == 1 {
+            State::Failed
+        } else {
+            State::Pending
+        };
+        assert_eq!(state, want, "message {i}");
+    }
+    assert_eq!(s.last(None, 1000).unwrap().len(), 60);
+}
+
+#[test]
 fn ids_past_a_full_bucket_are_still_found() {
     let dir = tempfile::tempdir().unwrap();
     let s = reopen(dir.path());

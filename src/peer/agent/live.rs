@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::{lock, AgentEvent, Inner, Outgoing, SessionHandle, Waiting, FRAME_TIMEOUT, SESSION_QUEUE, WRITE_BATCH};
+use super::{lock, AgentEvent, Inner, Outgoing, SessionHandle, Slot, Waiting, FRAME_TIMEOUT, SESSION_QUEUE, WRITE_BATCH};
 use crate::clock::unix_now_ms;
 use crate::peer::session::{PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE, NOISE_TAG_LEN};
 use crate::quic::{FrameReader, WRITE_TIMEOUT};
@@ -84,17 +84,19 @@ async fn run_session(
                     batch.extend(more);
                 }
                 let (mut failed, before, expected) = (None, owed.len(), waiting.len());
-                let mut chats = Vec::new();
+                let (mut chats, mut delivered) = (Vec::new(), Vec::new());
                 for frame in batch {
                     let message = match transport.open_with(&frame, &mut plain) {
                         Ok(m) => m,
                         Err(e) => { failed = Some(e.to_string()); break }
                     };
-                    if let Err(e) = handle_message(&inner, &peer, message, &mut waiting, &mut chats) {
+                    if let Err(e) = handle_message(&peer, message, &mut waiting, &mut chats, &mut delivered) {
                         failed = Some(e);
                         break;
                     }
                 }
+                // Senders woken by acks were woken first: their marks are written now.
+                if let Err(e) = mark_delivered(&inner, &peer, &delivered) { break e }
                 if let Some(e) = failed { break e }
                 // Everything this batch brought is stored together, in a few writes.
                 if let Err(e) = store_incoming(&inner, chats, &mut owed) { break e }
@@ -121,9 +123,18 @@ async fn run_session(
             first = queue.recv() => {
                 let Some(first) = first else { break "closed".to_string() };
                 // Everything queued meanwhile goes out in the same write.
-                let mut next = Some(first);
+                let mut items = vec![first];
+                let mut bytes = items[0].plain.len();
+                while bytes < WRITE_BATCH {
+                    let Ok(next) = queue.try_recv() else { break };
+                    bytes += next.plain.len();
+                    items.push(next);
+                }
+                let places = match store_outgoing(&inner, &items) { Ok(p) => p, Err(e) => break e };
                 let mut sealed = Ok(());
-                while let Some(o) = next.take() {
+                for (o, at) in items.into_iter().zip(places) {
+                    // A message whose sender gave up (and keeps it as failed) stays here.
+                    let Some(at) = at else { continue };
                     sealed = transport.seal_frame(&o.plain, &mut out);
                     if sealed.is_err() {
                         break;
@@ -133,10 +144,7 @@ async fn run_session(
                         waiting.retain(|_, w| !w.acked.is_closed());
                         prune_at = (waiting.len() * 2).max(SESSION_QUEUE);
                     }
-                    waiting.insert(o.id, Waiting { stored_at: o.stored_at, acked: o.acked });
-                    if out.len() < WRITE_BATCH {
-                        next = queue.try_recv().ok();
-                    }
+                    waiting.insert(at.id, Waiting { at, acked: o.acked });
                 }
                 if let Err(e) = sealed { break e.to_string() }
                 if let Err(e) = write_all(&mut send, &mut out).await { break e }
@@ -208,14 +216,60 @@ fn store_incoming(inner: &Inner, chats: Vec<StoredMessage>, owed: &mut VecDeque<
     Ok(())
 }
 
-/// Applies one decrypted message: an ack marks its message delivered, and a chat
-/// message joins `chats`, to be stored with the rest of its batch.
+/// Stores (pending, in one go) the messages about to go out that no session stored
+/// yet, and says where each is kept: `None` for one whose sender gave up, which does
+/// not go out.
+fn store_outgoing(inner: &Inner, items: &[Outgoing]) -> Result<Vec<Option<MessageRef>>, String> {
+    let _outbox = lock(&inner.outbox);
+    let places: Vec<Option<Option<MessageRef>>> = items
+        .iter()
+        .map(|o| match &*lock(&o.slot) {
+            Slot::Unstored => None,
+            Slot::Stored { at, .. } => Some(Some(at.clone())),
+            Slot::Abandoned => Some(None),
+        })
+        .collect();
+    let fresh: Vec<StoredMessage> = items.iter().zip(&places).filter(|(_, p)| p.is_none()).map(|(o, _)| o.msg.clone()).collect();
+    if fresh.is_empty() {
+        return Ok(places.into_iter().map(Option::flatten).collect());
+    }
+    let mut stored = inner.store.store_sent(&fresh).map_err(|e| e.to_string())?.into_iter();
+    // The flusher starts on them now, while they travel.
+    let point = inner.store.written();
+    Ok(items
+        .iter()
+        .zip(places)
+        .map(|(o, place)| match place {
+            Some(place) => place,
+            None => {
+                let at = stored.next().flatten().expect("store_sent places every outgoing message");
+                *lock(&o.slot) = Slot::Stored { at: at.clone(), point };
+                Some(at)
+            }
+        })
+        .collect())
+}
+
+/// Marks the messages acked in one batch delivered, in one go.
+fn mark_delivered(inner: &Inner, peer: &Username, delivered: &[MessageRef]) -> Result<(), String> {
+    if delivered.is_empty() {
+        return Ok(());
+    }
+    inner.store.mark_delivered(delivered).map_err(|e| e.to_string())?;
+    for at in delivered {
+        let _ = inner.events.send(AgentEvent::Delivered { peer: peer.clone(), id: at.id });
+    }
+    Ok(())
+}
+
+/// Applies one decrypted message: an ack wakes its sender and joins `delivered`, and a
+/// chat message joins `chats`, to be stored with the rest of its batch.
 fn handle_message(
-    inner: &Inner,
     peer: &Username,
     message: PeerMessage,
     waiting: &mut HashMap<[u8; 16], Waiting>,
     chats: &mut Vec<StoredMessage>,
+    delivered: &mut Vec<MessageRef>,
 ) -> Result<(), String> {
     match message {
         PeerMessage::Chat { id, sent_at, body } => {
@@ -236,12 +290,9 @@ fn handle_message(
             Ok(())
         }
         PeerMessage::Ack { id } => {
-            if let Some(Waiting { stored_at, acked }) = waiting.remove(&id) {
-                // The sender is woken first: the mark is written meanwhile.
+            if let Some(Waiting { at, acked }) = waiting.remove(&id) {
                 let _ = acked.send(());
-                let at = MessageRef { peer: peer.clone(), direction: Direction::Out, stored_at, id };
-                inner.store.set_state(&at, State::Delivered).map_err(|e| e.to_string())?;
-                let _ = inner.events.send(AgentEvent::Delivered { peer: peer.clone(), id });
+                delivered.push(at);
             }
             Ok(())
         }
