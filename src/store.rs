@@ -25,9 +25,9 @@
 //! sends in one write is stored, pending, in one go just before it goes out
 //! ([`Store::store_sent`]), and the acks that come back together mark their messages
 //! delivered in one go ([`Store::mark_delivered`]): the session keeps each message's
-//! [`MessageRef`], which finds its batch directly. A batch is about three writes
-//! whatever it holds, where storing messages one by one took two writes each on
-//! either side: each sled write clones and relinks a tree node, and later frees the
+//! [`MessageRef`], which finds its batch directly. A batch is a write or two whatever
+//! it holds (an incoming one, one more per 2 ms of the sender's clock it spans), where
+//! storing messages one by one took two writes each on either side: each sled write clones and relinks a tree node, and later frees the
 //! old one, at 10 µs or more of CPU. The buckets are bounded (64 ids; past that, each
 //! id is an entry of its own), so a sender whose clock stands still costs a write per
 //! message and no more. A message that no session took (its sender gave up first) is
@@ -53,7 +53,8 @@
 //! and back (about 0.13× of a round trip's baseline on two cores). A write nobody takes
 //! a point for reaches the disk with the next flush, or within 100 ms (twice that at
 //! worst, when the linger ends during a flush in place that began before the write).
-//! Under load (the last flush covered eight writes or more, whoever made them) the next
+//! Under load (the last flush covered eight writes or more, whoever made them, a batch
+//! of messages counting one per message) the next
 //! flush waits until 2 ms after the last one began, so that each flush covers many
 //! writes: a flush costs about the same whatever it covers, and flushing back to back
 //! took over a quarter of the CPU at full speed. A message on an otherwise quiet store
@@ -130,7 +131,8 @@ pub struct StoredMessage {
     pub state: State,
 }
 
-/// Where a message is kept: enough to find it again without an index.
+/// Where an outgoing message is kept: enough to find it again without an index. (An
+/// incoming one is found by its sender's `sent_at` and id: [`Store::incoming`].)
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct MessageRef {
     pub peer: Username,
@@ -330,12 +332,40 @@ impl Seen {
                 self.places.len() - 1
             }
         };
-        let p = u16::try_from(p).expect("a place is added only with an id, and a bucket has at most SEEN_CAP ids");
+        // At most SEEN_CAP + 1 places: one per id, and the one just added.
+        let p = u16::try_from(p).expect("a bucket holds at most SEEN_CAP + 1 places");
         match existing {
-            Some(e) => self.ids[e].2 = p,
+            Some(e) => {
+                self.ids[e].2 = p;
+                // The place it had may now be nobody's: keep only places in use.
+                let mut used = vec![false; self.places.len()];
+                self.ids.iter().for_each(|&(_, _, p)| used[usize::from(p)] = true);
+                let mut renumber = vec![0u16; self.places.len()];
+                let mut kept = 0u16;
+                for (q, in_use) in used.iter().enumerate() {
+                    renumber[q] = kept;
+                    kept += u16::from(*in_use);
+                }
+                let places = std::mem::take(&mut self.places);
+                self.places = places.into_iter().zip(&used).filter(|(_, in_use)| **in_use).map(|(place, _)| place).collect();
+                self.ids.iter_mut().for_each(|e| e.2 = renumber[usize::from(e.2)]);
+            }
             None => self.ids.push((sent_at, id, p)),
         }
         true
+    }
+
+    /// A bucket as read from disk, checked: at most [`SEEN_CAP`] ids, each with a place.
+    fn read(value: &[u8]) -> Result<Seen, StoreError> {
+        let seen: Seen = decode(value, "id bucket")?;
+        let sound = seen.ids.len() <= SEEN_CAP
+            && seen.places.len() <= seen.ids.len()
+            && seen.ids.iter().all(|&(_, _, p)| usize::from(p) < seen.places.len());
+        if sound {
+            Ok(seen)
+        } else {
+            Err(StoreError::Corrupt("id bucket"))
+        }
     }
 }
 
@@ -508,25 +538,42 @@ impl SledStore {
         Ok(found)
     }
 
-    /// Cuts messages into batch values of about [`BATCH_BYTES`], each under a place of
-    /// its own of `kind`, in order.
-    fn cut<'m>(&self, msgs: impl Iterator<Item = &'m StoredMessage>, kind: u8) -> Vec<(Place, Vec<&'m StoredMessage>)> {
+    /// Cuts `peer`'s messages into batch values of about [`BATCH_BYTES`], each under a
+    /// new place of its own of `kind`, in order; the caller holds the write lock.
+    fn cut<'m>(
+        &self,
+        peer: &Username,
+        msgs: impl Iterator<Item = &'m StoredMessage>,
+        kind: u8,
+    ) -> Result<Vec<(Place, Vec<&'m StoredMessage>)>, StoreError> {
         let mut batches: Vec<(Place, Vec<&StoredMessage>)> = Vec::new();
         let mut size = BATCH_BYTES;
         for msg in msgs {
             let len = msg.body.len() + msg.peer.as_str().len() + 64;
             if size + len > BATCH_BYTES {
-                let n = self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let mut id = [0u8; 16];
-                id[..8].copy_from_slice(&n.to_be_bytes());
-                id[8..].copy_from_slice(&msg.id[..8]);
-                batches.push((Place { stored_at: msg.stored_at, id, kind }, Vec::new()));
+                batches.push((self.new_place(peer, msg, kind)?, Vec::new()));
                 size = 0;
             }
             size += len;
             batches.last_mut().expect("a batch was begun").1.push(msg);
         }
-        batches
+        Ok(batches)
+    }
+
+    /// A place for a batch beginning with `first`, where nothing is stored: the number
+    /// orders this process's batches, and one stored under the same time and number
+    /// before a restart (the clock went back) is not overwritten.
+    fn new_place(&self, peer: &Username, first: &StoredMessage, kind: u8) -> Result<Place, StoreError> {
+        loop {
+            let n = self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&n.to_be_bytes());
+            id[8..].copy_from_slice(&first.id[..8]);
+            let place = Place { stored_at: first.stored_at, id, kind };
+            if !self.chat.contains_key(place.key(peer))? {
+                return Ok(place);
+            }
+        }
     }
 
     /// The key prefix of every peer with messages, in key order.
@@ -567,7 +614,7 @@ impl SledStore {
     /// Stores the new messages among `msgs` that came from `peer` (see
     /// [`Store::receive`]); the caller holds the write lock.
     fn receive_from(&self, peer: &Username, msgs: &[StoredMessage], added: &mut [bool]) -> Result<(), StoreError> {
-        let mut buckets: Vec<(Vec<u8>, Seen)> = Vec::new();
+        let mut buckets: Vec<(Vec<u8>, Seen, bool)> = Vec::new();
         let mut taken = std::collections::HashSet::new();
         let mut fresh = Vec::new();
         for (i, msg) in msgs.iter().enumerate() {
@@ -575,15 +622,15 @@ impl SledStore {
                 continue;
             }
             let key = seen_key(peer, msg.sent_at);
-            let b = match buckets.iter().position(|(k, _)| *k == key) {
+            let b = match buckets.iter().position(|(k, ..)| *k == key) {
                 Some(b) => b,
                 None => {
-                    let seen = self.chat.get(&key)?.map(|v| decode(&v, "id bucket")).transpose()?.unwrap_or_default();
-                    buckets.push((key, seen));
+                    let seen = self.chat.get(&key)?.map(|v| Seen::read(&v)).transpose()?.unwrap_or_default();
+                    buckets.push((key, seen, false));
                     buckets.len() - 1
                 }
             };
-            let (key, seen) = &buckets[b];
+            let (key, seen, _) = &buckets[b];
             let earlier = match seen.find(msg.sent_at, &msg.id)? {
                 Some(place) => Some(place),
                 None if seen.full => self.chat.get(overflow_key(key, msg.sent_at, &msg.id))?.map(|v| decode(&v, "id entry")).transpose()?,
@@ -602,18 +649,22 @@ impl SledStore {
             return Ok(());
         }
         // Cut into batches, each recorded under its place; ids first, messages last.
-        let batches = self.cut(fresh.iter().map(|&(i, _)| &msgs[i]), BATCH);
+        let batches = self.cut(peer, fresh.iter().map(|&(i, _)| &msgs[i]), BATCH)?;
         let places = batches.iter().flat_map(|(place, batch)| batch.iter().map(move |_| *place));
         let mut overflow = Vec::new();
         for (&(i, b), place) in fresh.iter().zip(places) {
             let msg = &msgs[i];
-            let (key, seen) = &mut buckets[b];
-            if !seen.set(msg.sent_at, msg.id, place) {
+            let (key, seen, changed) = &mut buckets[b];
+            let was_full = seen.full;
+            let fits = seen.set(msg.sent_at, msg.id, place);
+            // A bucket that only resends touched, or that was full already, stays as it is.
+            *changed |= fits || !was_full;
+            if !fits {
                 overflow.push((overflow_key(key, msg.sent_at, &msg.id), place));
             }
             added[i] = true;
         }
-        for (key, seen) in &buckets {
+        for (key, seen, _) in buckets.iter().filter(|b| b.2) {
             self.chat.insert(key.as_slice(), encode(seen))?;
         }
         for (key, place) in &overflow {
@@ -741,6 +792,7 @@ impl Store for SledStore {
 
     fn store_sent(&self, msgs: &[StoredMessage]) -> Result<Vec<Option<MessageRef>>, StoreError> {
         let mut refs = vec![None; msgs.len()];
+        let _write = self.lock_writes();
         let mut done: Vec<&Username> = Vec::new();
         for msg in msgs.iter().filter(|m| m.direction == Direction::Out) {
             if done.contains(&&msg.peer) {
@@ -748,7 +800,7 @@ impl Store for SledStore {
             }
             done.push(&msg.peer);
             let theirs: Vec<usize> = (0..msgs.len()).filter(|&i| msgs[i].direction == Direction::Out && msgs[i].peer == msg.peer).collect();
-            let batches = self.cut(theirs.iter().map(|&i| &msgs[i]), SENT_BATCH);
+            let batches = self.cut(&msg.peer, theirs.iter().map(|&i| &msgs[i]), SENT_BATCH)?;
             for (place, batch) in &batches {
                 self.chat.insert(place.key(&msg.peer), encode(batch))?;
                 self.commits.wrote(batch.len() as u64);
@@ -787,7 +839,7 @@ impl Store for SledStore {
 
     fn incoming(&self, peer: &Username, sent_at: u64, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError> {
         let key = seen_key(peer, sent_at);
-        let Some(seen) = self.chat.get(&key)?.map(|v| decode::<Seen>(&v, "id bucket")).transpose()? else { return Ok(None) };
+        let Some(seen) = self.chat.get(&key)?.map(|v| Seen::read(&v)).transpose()? else { return Ok(None) };
         let place = match seen.find(sent_at, id)? {
             Some(place) => place,
             None => match self.chat.get(overflow_key(&key, sent_at, id))? {

@@ -229,8 +229,8 @@ impl Commits {
         self.work.notify_one();
     }
 
-    /// Counts applied writes: one for each message a batch of incoming messages stored
-    /// (what matters for [`LOAD_WRITES`] is how much is coming in). Nobody is woken: a
+    /// Counts applied writes: one for each message a batch stored (what matters for
+    /// [`LOAD_WRITES`] is how many messages are moving). Nobody is woken: a
     /// write goes to disk with the next flush, the one for the next commit point taken,
     /// or after [`LINGER`] at the latest.
     pub(super) fn wrote(&self, writes: u64) {

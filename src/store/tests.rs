@@ -424,6 +424,62 @@ fn messages_sent_together_are_kept_together_and_marked_in_one_go() {
 }
 
 #[test]
+fn a_batch_after_a_restart_never_overwrites_one_from_before() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two messages whose ids share their first 8 bytes, stored in the same millisecond
+    // by two runs (the clock went back between them), each the run's first batch.
+    let with_id = |tail: u8| StoredMessage { id: [[1u8; 8], [tail; 8]].concat().try_into().unwrap(), ..msg("bob", 0, 7000, Direction::In) };
+    assert_eq!(reopen(dir.path()).receive(&[with_id(2)]).unwrap(), vec![true]);
+    let s = reopen(dir.path());
+    assert_eq!(s.receive(&[with_id(3)]).unwrap(), vec![true]);
+    assert_eq!(s.last(Some(&name("bob")), 10).unwrap(), vec![with_id(2), with_id(3)]);
+    // Sent batches alike.
+    let out = StoredMessage { direction: Direction::Out, state: State::Pending, ..with_id(4) };
+    let first = s.store_sent(std::slice::from_ref(&out)).unwrap();
+    drop(s);
+    let s = reopen(dir.path());
+    let out2 = StoredMessage { id: [[1u8; 8], [5; 8]].concat().try_into().unwrap(), ..out.clone() };
+    let second = s.store_sent(std::slice::from_ref(&out2)).unwrap();
+    assert_ne!(first, second);
+    assert_eq!(s.last(Some(&name("bob")), 10).unwrap().len(), 4);
+}
+
+#[test]
+fn an_id_moved_by_a_repair_leaves_no_place_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    let m = msg("bob", 6, 800, Direction::In);
+    let key = seen_key(&m.peer, m.sent_at);
+    for round in 0..5u8 {
+        // A batch cut short by a crash: the id points at a place that holds nothing.
+        let mut seen = s.chat.get(&key).unwrap().map(|v| Seen::read(&v).unwrap()).unwrap_or_default();
+        assert!(seen.set(m.sent_at, m.id, Place { stored_at: 1, id: [round; 16], kind: BATCH }));
+        s.chat.insert(&key, encode(&seen)).unwrap();
+        s.chat.remove(s.chat.scan_prefix(peer_prefix(&m.peer)).next().map(|i| i.unwrap().0).unwrap_or_default()).unwrap();
+        assert!(s.insert(&m).unwrap(), "round {round}: the resend completes it");
+        let seen = Seen::read(&s.chat.get(&key).unwrap().unwrap()).unwrap();
+        assert_eq!((seen.ids.len(), seen.places.len()), (1, 1), "round {round}");
+    }
+    assert_eq!(s.last(None, 10).unwrap(), vec![StoredMessage { stored_at: 800, ..m }]);
+}
+
+#[test]
+fn a_bucket_that_does_not_add_up_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    let m = msg("bob", 4, 500, Direction::In);
+    let place = Place { stored_at: 1, id: [0; 16], kind: BATCH };
+    let too_many_places = Seen { places: vec![place; 70_000], ids: vec![(m.sent_at, m.id, 0)], full: false };
+    let too_many_ids = Seen { places: vec![place], ids: vec![(1, [0; 16], 0); SEEN_CAP + 1], full: true };
+    for bad in [too_many_places, too_many_ids] {
+        s.chat.insert(seen_key(&m.peer, m.sent_at), encode(&bad)).unwrap();
+        assert!(matches!(s.insert(&m), Err(StoreError::Corrupt("id bucket"))));
+        assert!(matches!(s.incoming(&m.peer, m.sent_at, &m.id), Err(StoreError::Corrupt("id bucket"))));
+    }
+    assert!(s.last(None, 10).unwrap().is_empty(), "nothing was half-written");
+}
+
+#[test]
 fn ids_past_a_full_bucket_are_still_found() {
     let dir = tempfile::tempdir().unwrap();
     let s = reopen(dir.path());
