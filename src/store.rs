@@ -691,15 +691,14 @@ impl SledStore {
 struct Newest {
     scan: std::iter::Rev<sled::Iter>,
     prefix_len: usize,
-    /// The key after the peer's prefix (time, id, kind) of the value being read, and
-    /// what is left of it, oldest first.
-    place: Vec<u8>,
+    /// The key of the value being read, and what is left of it, oldest first.
+    key: sled::IVec,
     held: Vec<StoredMessage>,
 }
 
 impl Newest {
     fn new(chat: &sled::Tree, prefix: Vec<u8>) -> Self {
-        Self { prefix_len: prefix.len(), scan: chat.scan_prefix(prefix).rev(), place: Vec::new(), held: Vec::new() }
+        Self { prefix_len: prefix.len(), scan: chat.scan_prefix(prefix).rev(), key: sled::IVec::default(), held: Vec::new() }
     }
 
     fn next(&mut self) -> Result<Option<StoredMessage>, StoreError> {
@@ -712,10 +711,18 @@ impl Newest {
             if key.len() != self.prefix_len + 8 + 16 + 1 {
                 return Err(StoreError::Corrupt("message key"));
             }
-            self.held = messages_in(&key, &value)?;
-            self.place.clear();
-            self.place.extend_from_slice(&key[self.prefix_len..]);
+            let batch = key.last().is_some_and(|&k| k == BATCH || k == SENT_BATCH);
+            self.key = key;
+            if !batch {
+                return decode(&value, "message").map(Some);
+            }
+            self.held = decode(&value, "message batch")?;
         }
+    }
+
+    /// The key after the peer's prefix (time, id, kind) of the message `next` gave.
+    fn place(&self) -> &[u8] {
+        &self.key[self.prefix_len..]
     }
 }
 
@@ -730,7 +737,7 @@ struct Head {
 
 impl Head {
     fn next(scan: &mut Newest, index: usize) -> Result<Option<Head>, StoreError> {
-        Ok(scan.next()?.map(|msg| Head { order: (scan.place.clone(), scan.held.len()), peer: msg.peer.clone(), scan: index, msg }))
+        Ok(scan.next()?.map(|msg| Head { order: (scan.place().to_vec(), scan.held.len()), peer: msg.peer.clone(), scan: index, msg }))
     }
 }
 
