@@ -418,15 +418,10 @@ impl SledStore {
                 }
             };
             let (key, seen, _) = &buckets[b];
-            let earlier = match seen.find(msg.sent_at, &msg.id)? {
-                Some(place) => Some(place),
-                None if seen.full => self.chat.get(overflow_key(key, msg.sent_at, &msg.id))?.map(|v| decode(&v, "id entry")).transpose()?,
-                None => None,
-            };
             // An id whose message is missing was recorded just before a crash cut the
             // write short (the sender got no ack for it): this copy completes it.
-            if let Some(place) = earlier {
-                if self.holds(peer, place, &msg.id)? {
+            if let Some(place) = self.place_of(key, seen, msg.sent_at, &msg.id)? {
+                if self.stored_at_place(peer, place, &msg.id)?.is_some() {
                     continue;
                 }
             }
@@ -464,13 +459,21 @@ impl SledStore {
         Ok(())
     }
 
-    /// Whether the message key at `place` holds the message `id`.
-    fn holds(&self, peer: &Username, place: Place, id: &[u8; 16]) -> Result<bool, StoreError> {
+    /// Where the id was recorded, in the bucket at `bucket` or, once that is full, in an
+    /// entry of its own.
+    fn place_of(&self, bucket: &[u8], seen: &Seen, sent_at: u64, id: &[u8; 16]) -> Result<Option<Place>, StoreError> {
+        match seen.find(sent_at, id)? {
+            Some(place) => Ok(Some(place)),
+            None if seen.full => self.chat.get(overflow_key(bucket, sent_at, id))?.map(|v| decode(&v, "id entry")).transpose(),
+            None => Ok(None),
+        }
+    }
+
+    /// The message `id`, if the message key at `place` holds it.
+    fn stored_at_place(&self, peer: &Username, place: Place, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError> {
         let key = place.key(peer);
-        Ok(match self.chat.get(&key)? {
-            Some(value) => messages_in(&key, &value)?.iter().any(|m| &m.id == id),
-            None => false,
-        })
+        let Some(value) = self.chat.get(&key)? else { return Ok(None) };
+        Ok(messages_in(&key, &value)?.into_iter().find(|m| &m.id == id))
     }
 }
 
@@ -634,16 +637,10 @@ impl Store for SledStore {
     fn incoming(&self, peer: &Username, sent_at: u64, id: &[u8; 16]) -> Result<Option<StoredMessage>, StoreError> {
         let key = seen_key(peer, sent_at);
         let Some(seen) = self.chat.get(&key)?.map(|v| Seen::read(&v)).transpose()? else { return Ok(None) };
-        let place = match seen.find(sent_at, id)? {
-            Some(place) => place,
-            None => match self.chat.get(overflow_key(&key, sent_at, id))? {
-                Some(v) => decode(&v, "id entry")?,
-                None => return Ok(None),
-            },
-        };
-        let key = place.key(peer);
-        let Some(value) = self.chat.get(&key)? else { return Ok(None) };
-        Ok(messages_in(&key, &value)?.into_iter().find(|m| &m.id == id))
+        match self.place_of(&key, &seen, sent_at, id)? {
+            Some(place) => self.stored_at_place(peer, place, id),
+            None => Ok(None),
+        }
     }
 
     fn last(&self, peer: Option<&Username>, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
