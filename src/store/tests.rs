@@ -7,15 +7,21 @@ fn name(s: &str) -> Username {
     Username::parse(s).unwrap()
 }
 
+/// Whether an open failed only because the file lock is still held. sled 0.34
+/// reports a busy lock as an `Other` error naming it, not as `WouldBlock`.
+fn lock_busy(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
 /// Opens a database again right after a store on it was dropped. sled 0.34's
 /// background writers can hold the file lock a moment after the store is gone
-/// (sled issues 1234 and 1289), so a busy lock is retried for up to five seconds.
-/// Runs `open` again while it fails with a busy file lock, for up to five seconds.
+/// (sled issues 1234 and 1289), so `open` is run again while it fails with a busy
+/// file lock, for up to five seconds.
 fn while_locked<T, E>(mut open: impl FnMut() -> Result<T, E>, io: impl Fn(&E) -> Option<&std::io::Error>) -> Result<T, E> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         match open() {
-            Err(e) if io(&e).is_some_and(|e| e.kind() == std::io::ErrorKind::WouldBlock) && std::time::Instant::now() < deadline => {
+            Err(e) if io(&e).is_some_and(lock_busy) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10))
             }
             other => return other,
@@ -596,4 +602,25 @@ fn survives_reopen_and_checks_schema() {
     drop(s);
     sled_reopen(dir.path()).open_tree("meta").unwrap().insert("schema", &9u64.to_be_bytes()).unwrap();
     assert!(matches!(open_retrying(dir.path()), Err(StoreError::Schema(9))));
+}
+
+#[test]
+fn a_history_open_elsewhere_is_refused_and_the_retry_sees_it_free_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = reopen(dir.path());
+    first.insert(&msg("bob", 1, 10, Direction::In)).unwrap();
+    // A second open while the first is alive fails on the lock, as an error.
+    match SledStore::open(dir.path()) {
+        Err(StoreError::Db(sled::Error::Io(e))) => assert!(lock_busy(&e), "{e}"),
+        Err(e) => panic!("expected a busy lock, got {e}"),
+        Ok(_) => panic!("the same history was opened twice"),
+    }
+    // The retry used by the tests above waits for the first to go.
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(first);
+    });
+    let s = reopen(dir.path());
+    holder.join().unwrap();
+    assert_eq!(s.last(None, 10).unwrap().len(), 1);
 }
