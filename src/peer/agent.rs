@@ -150,6 +150,49 @@ enum Slot {
     Abandoned,
 }
 
+/// Keeps a message in history as failed when its `send` is dropped before it finished
+/// delivering (a task aborted at shutdown, a caller that stopped waiting): what the
+/// user wrote is never silently lost. Not stored yet: it is stored alone, as failed, and
+/// no session sends it. Stored by a session: it is marked failed unless its ack came
+/// first (a later ack still marks it delivered). Defused once delivery has an outcome.
+struct KeepIfCancelled<'a> {
+    inner: &'a Inner,
+    slot: &'a Mutex<Slot>,
+    msg: &'a StoredMessage,
+    armed: bool,
+}
+
+impl KeepIfCancelled<'_> {
+    fn defuse(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for KeepIfCancelled<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let kept = {
+            let _outbox = lock(&self.inner.outbox);
+            let mut slot = lock(self.slot);
+            match &*slot {
+                Slot::Stored { at, .. } => self.inner.store.fail_pending(at).map(drop),
+                Slot::Abandoned => Ok(()),
+                Slot::Unstored => {
+                    *slot = Slot::Abandoned;
+                    self.inner.store.insert(&StoredMessage { state: State::Failed, ..self.msg.clone() }).map(drop)
+                }
+            }
+        };
+        match kept {
+            // On disk with the next flush, or when the store closes.
+            Ok(()) => debug!(peer = %self.msg.peer, "send cancelled; the message is kept as failed"),
+            Err(e) => warn!(peer = %self.msg.peer, error = %e, "send cancelled, and the message could not be kept as failed"),
+        }
+    }
+}
+
 /// The dialling state of one peer, held by the sender whose turn it is to dial.
 #[derive(Default)]
 struct DialTurn {
@@ -270,7 +313,8 @@ impl Agent {
 
     /// Stores `body` for `to`, delivers it and waits for the ack; returns once the
     /// message is on disk on both sides. On failure the message stays in history as
-    /// `failed`. Many sends may run at once: they share the session and its flushes.
+    /// `failed`, and so it does if this future is dropped before the ack came. Many
+    /// sends may run at once: they share the session and its flushes.
     pub async fn send(&self, to: &Username, body: &str) -> Result<StoredMessage, SendError> {
         if body.is_empty() {
             return Err(SendError::Empty);
@@ -298,7 +342,9 @@ impl Agent {
         // ack arrives, just after it wakes us (an ack that comes after we gave up still
         // marks it).
         let slot = Arc::new(Mutex::new(Slot::Unstored));
+        let cancelled = KeepIfCancelled { inner: &self.inner, slot: &slot, msg: &msg, armed: true };
         let outcome = self.deliver(&msg, &slot).await;
+        cancelled.defuse();
         let stored = {
             let _outbox = lock(&self.inner.outbox);
             let mut slot = lock(&slot);
