@@ -22,8 +22,9 @@
 //! What a peer sends in one go is stored in one go ([`Store::receive`]): the messages
 //! go into batch values of about 4 KiB, and their ids into the buckets of `s`, keyed
 //! by the sender's clock, which a resend carries unchanged. Likewise what a session
-//! sends in one write is stored, pending, in one go just before it goes out
-//! ([`Store::store_sent`]), and the acks that come back together mark their messages
+//! sends in one write is stored, pending, in one go as soon as the write is with the
+//! stream, before any ack is read (before the write, when the stream must be waited
+//! for) ([`Store::store_sent`]), and the acks that come back together mark their messages
 //! delivered in one go ([`Store::mark_delivered`]): the session keeps each message's
 //! [`MessageRef`], which finds its batch directly. A batch is a write or two whatever
 //! it holds (an incoming one, one more per 2 ms of the sender's clock it spans), where

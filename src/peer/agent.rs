@@ -141,8 +141,14 @@ struct Outgoing {
 
 /// What became of an outgoing message here. Changed only under [`Inner::outbox`].
 enum Slot {
-    /// Not stored yet: the first session to take it stores it, before it goes out.
+    /// Not stored yet, and no session has sent it.
     Unstored,
+    /// A session has handed it to its stream and stores it next, before it reads
+    /// another frame (or before it waits for a stream that takes no more for now).
+    /// Anyone else who finds it here and needs its record (its sender giving up, a
+    /// session it is handed to next) stores it first ([`store_for_session`]); the
+    /// session then keeps to that record.
+    Sending,
     /// Stored there, by the write that commit point covers.
     Stored { at: MessageRef, point: u64 },
     /// Its sender gave up before any session took it, and keeps it as failed itself:
@@ -150,11 +156,22 @@ enum Slot {
     Abandoned,
 }
 
+/// Stores, pending, a message a session has sent but not stored yet ([`Slot::Sending`]),
+/// for someone who needs its record now: its sender giving up, or another session
+/// taking it over. Called under [`Inner::outbox`].
+fn store_for_session(inner: &Inner, slot: &mut Slot, msg: &StoredMessage) -> Result<(MessageRef, u64), StoreError> {
+    let at = inner.store.store_sent(std::slice::from_ref(msg))?.pop().flatten().expect("store_sent places an outgoing message");
+    let point = inner.store.written();
+    *slot = Slot::Stored { at: at.clone(), point };
+    Ok((at, point))
+}
+
 /// Keeps a message in history as failed when its `send` is dropped before it finished
 /// delivering (a task aborted at shutdown, a caller that stopped waiting): what the
-/// user wrote is never silently lost. Not stored yet: it is stored alone, as failed, and
-/// no session sends it. Stored by a session: it is marked failed unless its ack came
-/// first (a later ack still marks it delivered). Defused once delivery has an outcome.
+/// user wrote is never silently lost. Not sent yet: it is stored alone, as failed, and
+/// no session sends it. Sent (stored or not yet): it is marked failed unless its ack
+/// came first (a later ack still marks it delivered). Defused once delivery has an
+/// outcome.
 struct KeepIfCancelled<'a> {
     inner: &'a Inner,
     slot: &'a Mutex<Slot>,
@@ -178,6 +195,9 @@ impl Drop for KeepIfCancelled<'_> {
             let mut slot = lock(self.slot);
             match &*slot {
                 Slot::Stored { at, .. } => self.inner.store.fail_pending(at).map(drop),
+                Slot::Sending => {
+                    store_for_session(self.inner, &mut slot, self.msg).and_then(|(at, _)| self.inner.store.fail_pending(&at).map(drop))
+                }
                 Slot::Abandoned => Ok(()),
                 Slot::Unstored => {
                     *slot = Slot::Abandoned;
@@ -337,10 +357,10 @@ impl Agent {
             stored_at: now,
             state: State::Pending,
         };
-        // The session that takes the message stores it, pending, before it goes out,
-        // with everything else it sends in that write; it marks it delivered when the
-        // ack arrives, just after it wakes us (an ack that comes after we gave up still
-        // marks it).
+        // The session that takes the message stores it, pending, with everything else
+        // it sends in that write, as soon as the write is with its stream; it marks it
+        // delivered when the ack arrives, just after it wakes us (an ack that comes
+        // after we gave up still marks it).
         let slot = Arc::new(Mutex::new(Slot::Unstored));
         let cancelled = KeepIfCancelled { inner: &self.inner, slot: &slot, msg: &msg, armed: true };
         let outcome = self.deliver(&msg, &slot).await;
@@ -350,7 +370,9 @@ impl Agent {
             let mut slot = lock(&slot);
             match &*slot {
                 Slot::Stored { at, point } => Some((at.clone(), *point)),
-                _ => {
+                // Sent, and the session that sent it has not stored it yet.
+                Slot::Sending => Some(store_for_session(&self.inner, &mut slot, &msg)?),
+                Slot::Unstored | Slot::Abandoned => {
                     *slot = Slot::Abandoned;
                     None
                 }

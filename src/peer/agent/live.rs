@@ -11,7 +11,9 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::{lock, AgentEvent, Inner, Outgoing, SessionHandle, Slot, Waiting, FRAME_TIMEOUT, SESSION_QUEUE, WRITE_BATCH};
+use super::{
+    lock, store_for_session, AgentEvent, Inner, Outgoing, SessionHandle, Slot, Waiting, FRAME_TIMEOUT, SESSION_QUEUE, WRITE_BATCH,
+};
 use crate::clock::unix_now_ms;
 use crate::peer::session::{PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE, NOISE_TAG_LEN};
 use crate::quic::{FrameReader, WRITE_TIMEOUT};
@@ -130,15 +132,30 @@ async fn run_session(
                     bytes += next.plain.len();
                     items.push(next);
                 }
-                let places = match store_outgoing(&inner, &items) { Ok(p) => p, Err(e) => break e };
+                let claims = match claim_outgoing(&inner, &items) { Ok(c) => c, Err(e) => break e };
                 let mut sealed = Ok(());
-                for (o, at) in items.into_iter().zip(places) {
-                    // A message whose sender gave up (and keeps it as failed) stays here.
-                    let Some(at) = at else { continue };
+                for (o, claim) in items.iter().zip(&claims) {
+                    if matches!(claim, Claim::Skip) { continue }
                     sealed = transport.seal_frame(&o.plain, &mut out);
                     if sealed.is_err() {
                         break;
                     }
+                }
+                if let Err(e) = sealed { break e.to_string() }
+                // The write goes first and the sender's copy is stored right after: the
+                // copy reaches the disk with a later flush either way, and the message
+                // need not wait for the write here. A stream that takes only part of it
+                // for now gets the rest once the copy is stored.
+                let mut rest = Bytes::from(std::mem::take(&mut out));
+                if let Err(e) = write_now(&mut send, &mut rest) { break e }
+                if rest.is_empty() {
+                    // Let the stream's driver, woken onto this worker, send it first.
+                    tokio::task::yield_now().await;
+                }
+                let places = match store_claimed(&inner, &items, claims) { Ok(p) => p, Err(e) => break e };
+                for (o, at) in items.into_iter().zip(places) {
+                    // A message whose sender gave up (and keeps it as failed) stays here.
+                    let Some(at) = at else { continue };
                     // Senders that gave up leave closed channels behind: drop them.
                     if waiting.len() >= prune_at {
                         waiting.retain(|_, w| !w.acked.is_closed());
@@ -146,8 +163,7 @@ async fn run_session(
                     }
                     waiting.insert(at.id, Waiting { at, acked: o.acked });
                 }
-                if let Err(e) = sealed { break e.to_string() }
-                if let Err(e) = write_all(&mut send, &mut out).await { break e }
+                if let Err(e) = write_bytes(&mut send, rest).await { break e }
             }
         }
     };
@@ -189,14 +205,32 @@ async fn send_acks(
 /// leaves it empty; gives up if the other side does not take it within
 /// [`WRITE_TIMEOUT`].
 async fn write_all(send: &mut quinn::SendStream, out: &mut Vec<u8>) -> Result<(), String> {
-    if out.is_empty() {
+    write_bytes(send, Bytes::from(std::mem::take(out))).await
+}
+
+/// [`write_all`] for bytes already handed over.
+async fn write_bytes(send: &mut quinn::SendStream, bytes: Bytes) -> Result<(), String> {
+    if bytes.is_empty() {
         return Ok(());
     }
-    let written = tokio::time::timeout(WRITE_TIMEOUT, send.write_chunk(Bytes::from(std::mem::take(out)))).await;
-    match written {
+    match tokio::time::timeout(WRITE_TIMEOUT, send.write_chunk(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("the other side stopped reading".into()),
+    }
+}
+
+/// Hands the stream as much of `bytes` as it takes without waiting; `bytes` keeps the
+/// rest (all of it when the stream is blocked).
+fn write_now(send: &mut quinn::SendStream, bytes: &mut Bytes) -> Result<(), String> {
+    use std::future::Future;
+    let mut chunks = [std::mem::take(bytes)];
+    // `write_chunks` is cancel-safe: when it does not finish at once, nothing was written.
+    let polled = std::pin::pin!(send.write_chunks(&mut chunks)).poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    *bytes = std::mem::take(&mut chunks[0]);
+    match polled {
+        std::task::Poll::Ready(Err(e)) => Err(e.to_string()),
+        _ => Ok(()),
     }
 }
 
@@ -216,38 +250,75 @@ fn store_incoming(inner: &Inner, chats: Vec<StoredMessage>, owed: &mut VecDeque<
     Ok(())
 }
 
-/// Stores (pending, in one go) the messages about to go out that no session stored
-/// yet, and says where each is kept: `None` for one whose sender gave up, which does
-/// not go out.
-fn store_outgoing(inner: &Inner, items: &[Outgoing]) -> Result<Vec<Option<MessageRef>>, String> {
+/// What a session does with one message it took from its queue.
+enum Claim {
+    /// Its sender gave up before any session took it, and keeps it: it does not go out.
+    Skip,
+    /// Stored already (by a session it was handed to before, or for one): it goes out
+    /// and keeps that record.
+    Stored(MessageRef),
+    /// This session sends it, then stores it ([`store_claimed`]).
+    Fresh,
+}
+
+/// Takes the messages about to go out: those nobody sent yet become this session's to
+/// store once they are with the stream. One that another session sent but did not
+/// store is stored now, before it goes out again.
+fn claim_outgoing(inner: &Inner, items: &[Outgoing]) -> Result<Vec<Claim>, String> {
     let _outbox = lock(&inner.outbox);
-    let places: Vec<Option<Option<MessageRef>>> = items
+    items
         .iter()
-        .map(|o| match &*lock(&o.slot) {
-            Slot::Unstored => None,
-            Slot::Stored { at, .. } => Some(Some(at.clone())),
-            Slot::Abandoned => Some(None),
+        .map(|o| {
+            let mut slot = lock(&o.slot);
+            Ok(match &*slot {
+                Slot::Unstored => {
+                    *slot = Slot::Sending;
+                    Claim::Fresh
+                }
+                Slot::Sending => Claim::Stored(store_for_session(inner, &mut slot, &o.msg).map_err(|e| e.to_string())?.0),
+                Slot::Stored { at, .. } => Claim::Stored(at.clone()),
+                Slot::Abandoned => Claim::Skip,
+            })
         })
-        .collect();
-    let fresh: Vec<StoredMessage> = items.iter().zip(&places).filter(|(_, p)| p.is_none()).map(|(o, _)| o.msg.clone()).collect();
-    if fresh.is_empty() {
-        return Ok(places.into_iter().map(Option::flatten).collect());
+        .collect()
+}
+
+/// Stores (pending, in one go) the messages this session just sent that nobody stored
+/// meanwhile, and says where each sent message is kept (`None` for one not sent).
+fn store_claimed(inner: &Inner, items: &[Outgoing], claims: Vec<Claim>) -> Result<Vec<Option<MessageRef>>, String> {
+    let _outbox = lock(&inner.outbox);
+    let mut places: Vec<Option<MessageRef>> = Vec::with_capacity(items.len());
+    let mut fresh = Vec::new();
+    for (i, (o, claim)) in items.iter().zip(claims).enumerate() {
+        places.push(match claim {
+            Claim::Skip => None,
+            Claim::Stored(at) => Some(at),
+            Claim::Fresh => match &*lock(&o.slot) {
+                // Its sender gave up meanwhile, or another session took it over: they
+                // stored it.
+                Slot::Stored { at, .. } => Some(at.clone()),
+                // Still this session's to store (anyone else moves it on from
+                // `Sending` only to `Stored`).
+                _ => {
+                    fresh.push(i);
+                    None
+                }
+            },
+        });
     }
-    let mut stored = inner.store.store_sent(&fresh).map_err(|e| e.to_string())?.into_iter();
+    if fresh.is_empty() {
+        return Ok(places);
+    }
+    let msgs: Vec<StoredMessage> = fresh.iter().map(|&i| items[i].msg.clone()).collect();
+    let stored = inner.store.store_sent(&msgs).map_err(|e| e.to_string())?;
     // The flusher starts on them now, while they travel.
     let point = inner.store.written();
-    Ok(items
-        .iter()
-        .zip(places)
-        .map(|(o, place)| match place {
-            Some(place) => place,
-            None => {
-                let at = stored.next().flatten().expect("store_sent places every outgoing message");
-                *lock(&o.slot) = Slot::Stored { at: at.clone(), point };
-                Some(at)
-            }
-        })
-        .collect())
+    for (i, at) in fresh.into_iter().zip(stored) {
+        let at = at.expect("store_sent places every outgoing message");
+        *lock(&items[i].slot) = Slot::Stored { at: at.clone(), point };
+        places[i] = Some(at);
+    }
+    Ok(places)
 }
 
 /// Marks the messages acked in one batch delivered, in one go.
@@ -297,5 +368,99 @@ fn handle_message(
             Ok(())
         }
         PeerMessage::Unknown => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::super::{Agent, AgentConfig, KeepIfCancelled};
+    use super::*;
+    use crate::address::ServerAddress;
+    use crate::store::SledStore;
+    use crate::tls::CertKey;
+
+    /// An agent that never dials: only its outbox and history are used.
+    fn agent(dir: &std::path::Path) -> Agent {
+        let store: Arc<dyn crate::store::Store> = Arc::new(SledStore::open(&dir.join("db")).unwrap());
+        let config = AgentConfig {
+            username: Username::parse("alice").unwrap(),
+            server: ServerAddress::new(([127, 0, 0, 1], 9).into(), [0; 32]),
+            listen: ([127, 0, 0, 1], 0).into(),
+        };
+        let id = Arc::new(crate::presence::tests::identity(1));
+        Agent::start(id, store, &CertKey::generate("sotto-peer").unwrap(), config).unwrap()
+    }
+
+    fn outgoing(n: u8) -> Outgoing {
+        let msg = StoredMessage {
+            id: [n; 16],
+            peer: Username::parse("bob").unwrap(),
+            direction: Direction::Out,
+            body: format!("message {n}"),
+            sent_at: 1_000 + u64::from(n),
+            stored_at: 1_000 + u64::from(n),
+            state: State::Pending,
+        };
+        Outgoing { plain: Vec::new(), msg, slot: Arc::new(Mutex::new(Slot::Unstored)), acked: tokio::sync::oneshot::channel().0 }
+    }
+
+    fn history(agent: &Agent) -> Vec<(String, State)> {
+        let bob = Username::parse("bob").unwrap();
+        agent.store().last(Some(&bob), 100).unwrap().into_iter().map(|m| (m.body, m.state)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_sent_message_is_stored_once_whoever_needs_its_record_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent(dir.path());
+        let inner = &agent.inner;
+        let items = vec![outgoing(1), outgoing(2), outgoing(3)];
+        *lock(&items[2].slot) = Slot::Abandoned;
+        let claims = claim_outgoing(inner, &items).unwrap();
+        assert!(matches!(claims[..], [Claim::Fresh, Claim::Fresh, Claim::Skip]));
+        // Nothing is stored before the write.
+        assert!(history(&agent).is_empty());
+        // Before the session stores them, message 2's sender gives up and needs its
+        // record: it stores it for the session.
+        let (given_up, _) = {
+            let _outbox = lock(&inner.outbox);
+            store_for_session(inner, &mut lock(&items[1].slot), &items[1].msg).unwrap()
+        };
+        let places = store_claimed(inner, &items, claims).unwrap();
+        assert_eq!(places[1].as_ref(), Some(&given_up), "the session keeps to the record stored for it");
+        assert!(places[0].is_some() && places[2].is_none());
+        assert!(matches!(&*lock(&items[0].slot), Slot::Stored { at, .. } if Some(at) == places[0].as_ref()));
+        assert_eq!(history(&agent), [("message 1".into(), State::Pending), ("message 2".into(), State::Pending)]);
+
+        // Handed to another session: a stored message keeps its record, and one a
+        // session sent but never stored (it ended first) is stored before it goes out.
+        let again = vec![outgoing(4)];
+        *lock(&again[0].slot) = Slot::Sending;
+        let claims = claim_outgoing(inner, &items[..2]).unwrap().into_iter().chain(claim_outgoing(inner, &again).unwrap());
+        let claims: Vec<Claim> = claims.collect();
+        assert!(matches!(&claims[0], Claim::Stored(at) if Some(at) == places[0].as_ref()));
+        assert!(matches!(&claims[1], Claim::Stored(at) if *at == given_up));
+        assert!(matches!(&claims[2], Claim::Stored(_)));
+        assert_eq!(history(&agent).len(), 3, "{:?}", history(&agent));
+        agent.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_send_dropped_while_its_session_has_it_unstored_keeps_it_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent(dir.path());
+        let inner = &agent.inner;
+        let items = vec![outgoing(1)];
+        let claims = claim_outgoing(inner, &items).unwrap();
+        // The send is dropped between the session's write and its store.
+        drop(KeepIfCancelled { inner, slot: &items[0].slot, msg: &items[0].msg, armed: true });
+        assert_eq!(history(&agent), [("message 1".into(), State::Failed)]);
+        // The session then keeps to that record: an ack still marks it delivered.
+        let places = store_claimed(inner, &items, claims).unwrap();
+        inner.store.mark_delivered(&[places[0].clone().unwrap()]).unwrap();
+        assert_eq!(history(&agent), [("message 1".into(), State::Delivered)]);
+        agent.shutdown().await;
     }
 }
