@@ -134,7 +134,8 @@ struct Outgoing {
     plain: Vec<u8>,
     /// The message as it is kept here, pending.
     msg: StoredMessage,
-    /// Whether a session has stored it, shared by every session it is handed to.
+    /// Whether a session has taken or stored it, shared by every session it is handed
+    /// to.
     slot: Arc<Mutex<Slot>>,
     acked: oneshot::Sender<()>,
 }
@@ -143,11 +144,12 @@ struct Outgoing {
 enum Slot {
     /// Not stored yet, and no session has sent it.
     Unstored,
-    /// A session has handed it to its stream and stores it next, before it reads
-    /// another frame (or before it waits for a stream that takes no more for now).
-    /// Anyone else who finds it here and needs its record (its sender giving up, a
-    /// session it is handed to next) stores it first ([`store_for_session`]); the
-    /// session then keeps to that record.
+    /// A session has taken it to send: it seals it, hands it to its stream and stores
+    /// it right after, before it reads another frame (or before it waits for a stream
+    /// that takes no more for now). It may already be on its way, or never leave if the
+    /// session ends first. Anyone else who finds it here and needs its record (its
+    /// sender giving up, a session it is handed to next) stores it first
+    /// ([`store_for_session`]); the session then keeps to that record.
     Sending,
     /// Stored there, by the write that commit point covers.
     Stored { at: MessageRef, point: u64 },
@@ -156,7 +158,7 @@ enum Slot {
     Abandoned,
 }
 
-/// Stores, pending, a message a session has sent but not stored yet ([`Slot::Sending`]),
+/// Stores, pending, a message a session has taken but not stored yet ([`Slot::Sending`]),
 /// for someone who needs its record now: its sender giving up, or another session
 /// taking it over. Called under [`Inner::outbox`].
 fn store_for_session(inner: &Inner, slot: &mut Slot, msg: &StoredMessage) -> Result<(MessageRef, u64), StoreError> {
@@ -168,9 +170,9 @@ fn store_for_session(inner: &Inner, slot: &mut Slot, msg: &StoredMessage) -> Res
 
 /// Keeps a message in history as failed when its `send` is dropped before it finished
 /// delivering (a task aborted at shutdown, a caller that stopped waiting): what the
-/// user wrote is never silently lost. Not sent yet: it is stored alone, as failed, and
-/// no session sends it. Sent (stored or not yet): it is marked failed unless its ack
-/// came first (a later ack still marks it delivered). Defused once delivery has an
+/// user wrote is never silently lost. Not taken by a session yet: it is stored alone,
+/// as failed, and no session sends it. Taken (stored or not yet): it is marked failed
+/// unless its ack came first (a later ack still marks it delivered). Defused once delivery has an
 /// outcome.
 struct KeepIfCancelled<'a> {
     inner: &'a Inner,
@@ -370,7 +372,7 @@ impl Agent {
             let mut slot = lock(&slot);
             match &*slot {
                 Slot::Stored { at, point } => Some((at.clone(), *point)),
-                // Sent, and the session that sent it has not stored it yet.
+                // Taken (maybe sent) by a session that has not stored it yet.
                 Slot::Sending => Some(store_for_session(&self.inner, &mut slot, &msg)?),
                 Slot::Unstored | Slot::Abandoned => {
                     *slot = Slot::Abandoned;
@@ -411,7 +413,7 @@ impl Agent {
     }
 
     /// Puts `msg` on a session (dialling one if needed) and waits for its ack; `slot`
-    /// says whether a session has stored it.
+    /// says whether a session has taken or stored it.
     async fn deliver(&self, msg: &StoredMessage, slot: &Arc<Mutex<Slot>>) -> Result<(), SendError> {
         let chat = encode_chat(&msg.id, msg.sent_at, &msg.body);
         let session_now = || lock(&self.inner.sessions).get(&msg.peer).cloned();

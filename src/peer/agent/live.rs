@@ -144,11 +144,11 @@ async fn run_session(
                 if let Err(e) = sealed { break e.to_string() }
                 // The write goes first and the sender's copy is stored right after: the
                 // copy reaches the disk with a later flush either way, and the message
-                // need not wait for the write here. A stream that takes only part of it
+                // need not wait for the store here. A stream that takes only part of it
                 // for now gets the rest once the copy is stored.
                 let mut rest = Bytes::from(std::mem::take(&mut out));
                 if let Err(e) = write_now(&mut send, &mut rest) { break e }
-                if rest.is_empty() {
+                if rest.is_empty() && claims.iter().any(|c| !matches!(c, Claim::Skip)) {
                     // Let the stream's driver, woken onto this worker, send it first.
                     tokio::task::yield_now().await;
                 }
@@ -299,7 +299,8 @@ fn store_claimed(inner: &Inner, items: &[Outgoing], claims: Vec<Claim>) -> Resul
                 Slot::Stored { at, .. } => Some(at.clone()),
                 // Still this session's to store (anyone else moves it on from
                 // `Sending` only to `Stored`).
-                _ => {
+                slot => {
+                    debug_assert!(matches!(slot, Slot::Sending), "a claimed message left Sending other than to Stored");
                     fresh.push(i);
                     None
                 }
