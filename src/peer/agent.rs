@@ -172,8 +172,8 @@ fn store_for_session(inner: &Inner, slot: &mut Slot, msg: &StoredMessage) -> Res
 /// delivering (a task aborted at shutdown, a caller that stopped waiting): what the
 /// user wrote is never silently lost. Not taken by a session yet: it is stored alone,
 /// as failed, and no session sends it. Taken (stored or not yet): it is marked failed
-/// unless its ack came first (a later ack still marks it delivered). Defused once delivery has an
-/// outcome.
+/// unless its ack came first (a later ack still marks it delivered). Defused once
+/// delivery has an outcome.
 struct KeepIfCancelled<'a> {
     inner: &'a Inner,
     slot: &'a Mutex<Slot>,
@@ -360,7 +360,8 @@ impl Agent {
             state: State::Pending,
         };
         // The session that takes the message stores it, pending, with everything else
-        // it sends in that write, as soon as the write is with its stream; it marks it
+        // it sends in that write, as soon as the write is with its stream (or whoever
+        // needs its record first does, below or in a later session); it marks it
         // delivered when the ack arrives, just after it wakes us (an ack that comes
         // after we gave up still marks it).
         let slot = Arc::new(Mutex::new(Slot::Unstored));
