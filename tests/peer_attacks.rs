@@ -66,6 +66,31 @@ async fn an_unvouched_dialer_claiming_a_contact_raises_no_key_change() {
 }
 
 #[tokio::test]
+async fn a_presence_record_older_than_one_seen_is_refused_and_changes_nothing() {
+    use sotto::peer::agent::SendError;
+    let w = world().await;
+    let bob = name("bob");
+    let store = w.alice_agent.store();
+    let seen = store.contact(&bob).unwrap().expect("alice pinned bob").highest_seq;
+    assert!(seen > 0, "the first message recorded bob's record");
+    // As if alice had since seen a newer record of bob's than the node now serves: the
+    // node's answer is a replay.
+    let pinned = store
+        .update_contact(&bob, &mut |c| c.map(|c| sotto::store::Contact { highest_seq: seen + 1_000, last_seen: 1, ..c }))
+        .unwrap()
+        .unwrap();
+    w.alice_agent.disconnect(&bob);
+    let body = "sent against a replayed record";
+    let refused = w.alice_agent.send(&bob, body).await;
+    assert!(matches!(&refused, Err(SendError::Untrusted { reason, .. }) if reason.contains("older presence record")), "{refused:?}");
+    assert_eq!(store.contact(&bob).unwrap().unwrap(), pinned, "the replayed record changed the contact");
+    let kept = store.last(Some(&bob), 10).unwrap();
+    assert_eq!(kept.iter().filter(|m| m.body == body).map(|m| m.state).collect::<Vec<_>>(), [sotto::store::State::Failed]);
+    let at_bob = w.bob_agent.store().last(Some(&name("alice")), 10).unwrap();
+    assert!(!at_bob.iter().any(|m| m.body == body), "the message went out");
+}
+
+#[tokio::test]
 async fn a_replayed_initiation_gets_no_answer() {
     let w = world().await;
     let (_, preamble, msg1) = Dial::start(&w.alice, &name("alice"), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();

@@ -468,25 +468,7 @@ impl Agent {
         let verified =
             verify_lookup(info, unix_now(), LOOKUP_SKEW).map_err(|e| SendError::Untrusted { user: user.clone(), reason: e.to_string() })?;
         let seq = verified.presence.as_ref().map(|r| r.seq);
-        check_trust(&self.inner, user, &verified.info.identity_key, &verified.info.noise)?;
-        if let Some(seq) = seq {
-            let mut stale = false;
-            self.inner.store.update_contact(user, &mut |current| {
-                let mut c = current?;
-                stale = seq < c.highest_seq;
-                if stale {
-                    return None;
-                }
-                c.highest_seq = seq;
-                Some(c)
-            })?;
-            if stale {
-                return Err(SendError::Untrusted {
-                    user: user.clone(),
-                    reason: "an older presence record than one already seen (replayed)".into(),
-                });
-            }
-        }
+        check_trust(&self.inner, user, &verified.info.identity_key, &verified.info.noise, seq)?;
         Ok(verified)
     }
 
@@ -561,12 +543,14 @@ async fn node_client(inner: &Inner) -> Result<Arc<RendezvousClient>, ClientError
 }
 
 /// TOFU: pins a first-seen key, refreshes a matching one, refuses a changed one (and
-/// records it for `contact verify`). One atomic update of the contact.
-fn check_trust(inner: &Inner, user: &Username, key: &IdentityKey, noise: &NoiseBinding) -> Result<Contact, SendError> {
+/// records it for `contact verify`). `seq`, from the presence record the key came with,
+/// must not be older than one already seen (a replayed record changes nothing). One
+/// atomic update of the contact.
+fn check_trust(inner: &Inner, user: &Username, key: &IdentityKey, noise: &NoiseBinding, seq: Option<u64>) -> Result<Contact, SendError> {
     let now = unix_now();
-    let (mut created, mut changed_from) = (false, None);
+    let (mut created, mut changed_from, mut stale) = (false, None, false);
     let contact = inner.store.update_contact(user, &mut |current| {
-        (created, changed_from) = (false, None);
+        (created, changed_from, stale) = (false, None, false);
         Some(match current {
             None => {
                 created = true;
@@ -577,14 +561,19 @@ fn check_trust(inner: &Inner, user: &Username, key: &IdentityKey, noise: &NoiseB
                     verified: false,
                     first_seen: now,
                     last_seen: now,
-                    highest_seq: 0,
+                    highest_seq: seq.unwrap_or(0),
                     last_handshake: 0,
                     changed_key: None,
                 }
             }
             Some(mut c) if c.identity_key.ct_eq(key) => {
+                if seq.is_some_and(|seq| seq < c.highest_seq) {
+                    stale = true;
+                    return None;
+                }
                 c.noise = *noise;
                 c.last_seen = now;
+                c.highest_seq = seq.unwrap_or(c.highest_seq);
                 c
             }
             Some(mut c) => {
@@ -602,6 +591,12 @@ fn check_trust(inner: &Inner, user: &Username, key: &IdentityKey, noise: &NoiseB
             user: user.clone(),
             pinned: pinned.fingerprint().to_string(),
             presented: key.fingerprint().to_string(),
+        });
+    }
+    if stale {
+        return Err(SendError::Untrusted {
+            user: user.clone(),
+            reason: "an older presence record than one already seen (replayed)".into(),
         });
     }
     if created {
@@ -829,7 +824,7 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
         if !info.identity_key.ct_eq(&presented) || info.noise.verify(&info.identity_key).is_err() {
             return Err(format!("a dialer claimed to be {dialer} with a key that is not their account's"));
         }
-        check_trust(inner, &dialer, &presented, &binding).map_err(|e| e.to_string())?;
+        check_trust(inner, &dialer, &presented, &binding, None).map_err(|e| e.to_string())?;
     }
     let contact = inner.store.contact(&dialer).map_err(|e| e.to_string())?.ok_or("contact missing")?;
     let last = (contact.last_handshake > 0).then_some(contact.last_handshake);
