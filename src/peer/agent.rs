@@ -695,6 +695,15 @@ fn next_timestamp(inner: &Inner) -> u64 {
 
 async fn dial(inner: &Arc<Inner>, peer: &Username, record: &PresenceRecord) -> Result<SessionHandle, String> {
     let (config, mismatch) = tls::client_config(record.cert_sha256, ALPN).map_err(|e| e.to_string())?;
+    // Message 1 needs nothing from the connection: it is made on a blocking thread (three
+    // X25519 operations) while QUIC connects, which mostly waits on the network. The
+    // record it uses was verified before this call; if the connection fails, it is
+    // dropped unsent.
+    let first = {
+        let (identity, me, peer, key, ts) =
+            (inner.identity.clone(), inner.config.username.clone(), peer.clone(), record.noise.noise_key, next_timestamp(inner));
+        tokio::task::spawn_blocking(move || Dial::start(&identity, &me, &peer, &key, ts))
+    };
     let mut last_error = "the presence record lists no address".to_string();
     let mut connection = None;
     for addr in &record.addrs {
@@ -719,10 +728,8 @@ async fn dial(inner: &Arc<Inner>, peer: &Username, record: &PresenceRecord) -> R
     }
     let conn = connection.ok_or(last_error)?;
     let handshake = async {
+        let (dial, preamble, msg1) = first.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let ts = next_timestamp(inner);
-        let (dial, preamble, msg1) =
-            Dial::start(&inner.identity, &inner.config.username, peer, &record.noise.noise_key, ts).map_err(|e| e.to_string())?;
         // Both frames in one write: one packet, one wake-up of the connection.
         write_frames(&mut send, &[&preamble, &msg1]).await?;
         let msg2 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await?.ok_or("the peer closed the stream during the handshake")?;
@@ -856,5 +863,8 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
         return Err(SessionError::Replayed.to_string());
     }
     write_frame(&mut send, &msg2).await?;
+    // Let the connection's driver, woken onto this worker, send message 2 before the
+    // session is set up.
+    tokio::task::yield_now().await;
     Ok((dialer, transport, send, recv))
 }
