@@ -209,8 +209,17 @@ pub fn node_and_users(root: &Path) -> (NodeProcess, User, User) {
 /// A rendezvous node inside the test process, running until the test ends. It hashes
 /// passwords at the explicit, non-default low cost tests may use; the default is OWASP's.
 pub async fn node_in_process(dir: &Path) -> sotto::address::ServerAddress {
+    node_in_process_with(dir, |_| {}).await
+}
+
+/// [`node_in_process`], with its configuration adjusted first.
+pub async fn node_in_process_with(
+    dir: &Path,
+    adjust: impl FnOnce(&mut sotto::rendezvous::node::NodeConfig),
+) -> sotto::address::ServerAddress {
     let mut config = sotto::rendezvous::node::NodeConfig::new(([127, 0, 0, 1], 0).into(), dir.join("node"));
     config.password_cost = sotto::rendezvous::accounts::PasswordCost { memory_kib: 64, iterations: 1, parallelism: 1 };
+    adjust(&mut config);
     let node = sotto::rendezvous::node::Node::bind(config).expect("node binds");
     let server = node.address().clone();
     tokio::spawn(node.run(std::future::pending()));
@@ -237,42 +246,82 @@ pub struct PeerWorld {
 pub const WORLD_PASSWORD: &str = "password123";
 
 pub async fn peer_world(bob_ip: std::net::IpAddr) -> PeerWorld {
-    use sotto::peer::agent::{Agent, AgentConfig};
-    use sotto::store::{SledStore, Store};
+    peer_world_with(bob_ip, |_| {}).await
+}
+
+/// [`peer_world`], with the node's configuration adjusted first.
+pub async fn peer_world_with(bob_ip: std::net::IpAddr, adjust: impl FnOnce(&mut sotto::rendezvous::node::NodeConfig)) -> PeerWorld {
     use std::sync::Arc;
     let name = |s: &str| sotto::username::Username::parse(s).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let server = node_in_process(dir.path()).await;
+    let server = node_in_process_with(dir.path(), adjust).await;
     let (alice, bob) = (Arc::new(sotto::keys::Identity::generate()), Arc::new(sotto::keys::Identity::generate()));
     for (id, user) in [(&alice, "alice"), (&bob, "bob")] {
-        let c = sotto::rendezvous::client::RendezvousClient::connect(&server).await.unwrap();
-        c.register(id, &name(user), WORLD_PASSWORD).await.unwrap();
-        c.close().await;
+        register(&server, None, id, user).await;
     }
-    let agent = |id: &Arc<sotto::keys::Identity>, user: &str, ip: std::net::IpAddr| {
-        let home = dir.path().join(user);
-        let cert = sotto::tls::CertKey::load_or_create(&home.join("peer"), "sotto-peer").unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&home.join("db")).unwrap());
-        let config = AgentConfig { username: name(user), server: server.clone(), listen: (ip, 0).into() };
-        (Agent::start(id.clone(), store, &cert, config).unwrap(), cert.sha256())
-    };
-    let (bob_agent, bob_cert) = agent(&bob, "bob", bob_ip);
-    let (alice_agent, _) = agent(&alice, "alice", [127, 0, 0, 1].into());
+    let (bob_agent, bob_cert) = start_agent(dir.path(), &server, &bob, "bob", bob_ip);
+    let (alice_agent, _) = start_agent(dir.path(), &server, &alice, "alice", [127, 0, 0, 1].into());
     let bob_addr = bob_agent.local_addr().unwrap();
-    let presence =
-        sotto::online::Presence { server: server.clone(), username: name("bob"), addrs: vec![bob_addr], cert_sha256: bob_cert, ttl: 60 };
+    let stop = go_online(&server, &bob, "bob", bob_addr, bob_cert);
+    wait_until_visible(&alice_agent, "bob").await;
+    alice_agent.send(&name("bob"), "first contact").await.expect("first contact");
+    PeerWorld { dir, server, bob_noise: bob.noise().public(), alice, bob, alice_agent, bob_agent, bob_addr, bob_cert, stop }
+}
+
+/// Registers `user` with `id` at `server`, with [`WORLD_PASSWORD`], from `endpoint`'s
+/// address or a socket of its own (the node allows 20 registrations an hour from one
+/// address).
+pub async fn register(server: &sotto::address::ServerAddress, endpoint: Option<&quinn::Endpoint>, id: &sotto::keys::Identity, user: &str) {
+    let c = sotto::rendezvous::client::RendezvousClient::connect_via(endpoint, server).await.unwrap();
+    c.register(id, &sotto::username::Username::parse(user).unwrap(), WORLD_PASSWORD).await.unwrap();
+    c.close().await;
+}
+
+/// An agent for `user` with its home under `root`, listening on `ip`; returns it and
+/// the SHA-256 of its QUIC certificate.
+pub fn start_agent(
+    root: &Path,
+    server: &sotto::address::ServerAddress,
+    id: &std::sync::Arc<sotto::keys::Identity>,
+    user: &str,
+    ip: std::net::IpAddr,
+) -> (sotto::peer::agent::Agent, [u8; 32]) {
+    use sotto::peer::agent::{Agent, AgentConfig};
+    use sotto::store::{SledStore, Store};
+    let home = root.join(user);
+    let cert = sotto::tls::CertKey::load_or_create(&home.join("peer"), "sotto-peer").unwrap();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(SledStore::open(&home.join("db")).unwrap());
+    let username = sotto::username::Username::parse(user).unwrap();
+    let config = AgentConfig { username, server: server.clone(), listen: (ip, 0).into() };
+    (Agent::start(id.clone(), store, &cert, config).unwrap(), cert.sha256())
+}
+
+/// Publishes `user`'s signed presence at `addr` and keeps it fresh until the returned
+/// sender is dropped.
+pub fn go_online(
+    server: &sotto::address::ServerAddress,
+    id: &std::sync::Arc<sotto::keys::Identity>,
+    user: &str,
+    addr: std::net::SocketAddr,
+    cert_sha256: [u8; 32],
+) -> tokio::sync::watch::Sender<bool> {
+    let username = sotto::username::Username::parse(user).unwrap();
+    let presence = sotto::online::Presence { server: server.clone(), username, addrs: vec![addr], cert_sha256, ttl: 60 };
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let bob_online = bob.clone();
-    tokio::spawn(async move { sotto::online::stay_online(&bob_online, &presence, stopped, |_| {}).await });
-    // Wait until bob's record is visible, then make first contact.
+    let id = id.clone();
+    tokio::spawn(async move { sotto::online::stay_online(&id, &presence, stopped, |_| {}).await });
+    stop
+}
+
+/// Waits (up to 5 s) until `agent` can look up `user`'s presence record.
+pub async fn wait_until_visible(agent: &sotto::peer::agent::Agent, user: &str) {
+    let user = sotto::username::Username::parse(user).unwrap();
     for _ in 0..100 {
-        if alice_agent.lookup(&name("bob")).await.is_ok_and(|v| v.presence.is_some()) {
-            break;
+        if agent.lookup(&user).await.is_ok_and(|v| v.presence.is_some()) {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    alice_agent.send(&name("bob"), "first contact").await.expect("first contact");
-    PeerWorld { dir, server, bob_noise: bob.noise().public(), alice, bob, alice_agent, bob_agent, bob_addr, bob_cert, stop }
 }
 
 /// A session with bob made by hand as alice, for sending what a real client would not.
