@@ -126,3 +126,43 @@ async fn a_resent_message_is_acked_each_time_and_stored_once() {
     let stored: Vec<_> = w.bob_agent.store().last(Some(&name("alice")), 10).unwrap().into_iter().filter(|m| m.id == [5; 16]).collect();
     assert_eq!(stored.len(), 1, "a resend is stored once");
 }
+
+#[tokio::test]
+async fn an_unvouched_first_contact_dialer_is_never_read_and_leaves_nothing() {
+    use sotto::peer::session::PeerMessage;
+    let w = world().await;
+    common::register(&w.server, None, &Identity::generate(), "carol").await;
+    let mut events = w.bob_agent.subscribe();
+    let mallory = Identity::generate();
+    // Bob has pinned neither: "carol" is an account with another key, "nobody" no account.
+    for claim in ["carol", "nobody"] {
+        let (dial, preamble, msg1) = Dial::start(&mallory, &name(claim), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
+        let (config, _) = tls::client_config(w.bob_cert, ALPN).unwrap();
+        let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+        endpoint.set_default_client_config(config);
+        let conn = endpoint.connect(w.bob_addr, "sotto-peer").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&encode_frame(&preamble)).await.unwrap();
+        send.write_all(&encode_frame(&msg1)).await.unwrap();
+        // On first contact message 2 goes out while bob checks the claim with the node;
+        // the check decides whether anything the dialer sends is ever read.
+        let msg2 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await;
+        let mut transport = dial.finish(&msg2).unwrap();
+        let chat = PeerMessage::Chat { id: [7; 16], sent_at: 1, body: "from mallory".into() };
+        let _ = send.write_all(&encode_frame(&transport.seal(&chat).unwrap())).await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        assert!(closed.is_ok(), "bob closes the connection of a dialer claiming {claim}");
+        assert!(recv.read_to_end(1 << 16).await.map_or(true, |rest| rest.is_empty()), "no ack for {claim}");
+        assert_eq!(w.bob_agent.store().contact(&name(claim)).unwrap(), None, "nothing pinned for {claim}");
+    }
+    assert!(w.bob_agent.store().last(None, 100).unwrap().iter().all(|m| m.id != [7; 16]), "nothing mallory sent is stored");
+    while let Ok(event) = events.try_recv() {
+        let peer = match &event {
+            AgentEvent::SessionOpened { peer, .. } | AgentEvent::SessionClosed { peer } => Some(peer),
+            AgentEvent::Received(m) => Some(&m.peer),
+            _ => None,
+        };
+        assert!(peer.is_none_or(|p| p.as_str() == "alice"), "bob reported {event:?}");
+    }
+    w.alice_agent.send(&name("bob"), "still answered").await.unwrap();
+}

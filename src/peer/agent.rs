@@ -15,7 +15,7 @@ use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::session::{encode_chat, Answer, Dial, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE};
+use super::session::{encode_chat, Answer, Dial, Preamble, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE};
 use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
@@ -811,50 +811,107 @@ type Accepted = (Username, Transport, quinn::SendStream, quinn::RecvStream);
 async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted, String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let preamble = read_frame(&mut recv, MAX_PREAMBLE).await?.ok_or("no preamble")?;
+    // A dialer who is no contact yet is checked with the rendezvous node's account. The
+    // lookup starts now, on the name the preamble claims, and runs while message 1 is
+    // read and answered; nothing the dialer sent is trusted until it is back.
+    let claimed = Preamble::parse(&preamble).ok().map(|p| p.dialer);
+    let pinned = match &claimed {
+        Some(dialer) => inner.store.contact(dialer).map_err(|e| e.to_string())?,
+        None => None,
+    };
+    let first_contact = match (&claimed, &pinned) {
+        (Some(dialer), None) => Some(AbortOnDrop(tokio::spawn(look_up_dialer(inner.clone(), dialer.clone())))),
+        _ => None,
+    };
     let msg1 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await?.ok_or("no handshake")?;
     let answer = Answer::read(&inner.identity, &inner.config.username, &preamble, &msg1).map_err(|e| e.to_string())?;
     let dialer = answer.dialer.clone();
     let presented = answer.hello.identity_key;
     let timestamp = answer.hello.timestamp;
     let binding = NoiseBinding { noise_key: answer.dialer_noise, signature: answer.hello.noise_binding };
-    let pinned = inner.store.contact(&dialer).map_err(|e| e.to_string())?;
+    if let Some(mut lookup) = first_contact {
+        // First contact: message 2 goes out before the account is back, and the session
+        // starts (reads what the dialer sends) only once the account vouches for the key.
+        // Message 2 carries nothing and is of use only to whoever holds the keys behind
+        // message 1 (SECURITY.md, step 4).
+        let (transport, msg2) = answer.accept(&presented, None, unix_now_ns()).map_err(|e: SessionError| e.to_string())?;
+        write_frame(&mut send, &msg2).await?;
+        let account = (&mut lookup.0).await.map_err(|e| e.to_string())??;
+        vouch(&account, &dialer, &presented)?;
+        check_trust(inner, &dialer, &presented, &binding, None).map_err(|e| e.to_string())?;
+        record_handshake(inner, &dialer, &presented, &binding, timestamp)?;
+        return Ok((dialer, transport, send, recv));
+    }
     if !pinned.as_ref().is_some_and(|c| c.identity_key.ct_eq(&presented)) {
-        // First contact, or a key other than the pinned one. Anyone can claim a
-        // username; only a key the rendezvous account holds may be pinned or raise a
-        // key-change warning. Any other claim is refused quietly.
-        let agent = Agent { inner: inner.clone() };
-        let lookup = agent.with_node(|node| {
-            let dialer = dialer.clone();
-            async move { node.lookup(&dialer).await }
-        });
-        let info = lookup.await.map_err(|e| format!("cannot check {dialer} with the rendezvous node: {e}"))?;
-        if !info.identity_key.ct_eq(&presented) || info.noise.verify(&info.identity_key).is_err() {
-            return Err(format!("a dialer claimed to be {dialer} with a key that is not their account's"));
-        }
+        // A key other than the pinned one. Anyone can claim a username; only a key the
+        // rendezvous account holds may raise a key-change warning. Any other claim is
+        // refused quietly, before message 2.
+        let account = look_up_dialer(inner.clone(), dialer.clone()).await?;
+        vouch(&account, &dialer, &presented)?;
         check_trust(inner, &dialer, &presented, &binding, None).map_err(|e| e.to_string())?;
     }
     let contact = inner.store.contact(&dialer).map_err(|e| e.to_string())?.ok_or("contact missing")?;
     let last = (contact.last_handshake > 0).then_some(contact.last_handshake);
     let (transport, msg2) = answer.accept(&contact.identity_key, last, unix_now_ns()).map_err(|e: SessionError| e.to_string())?;
-    // Record the timestamp atomically before answering, so a replay (now or
-    // concurrently) fails. It reaches the disk with the session's first flush (or the
-    // flusher's linger), before anything in the session is acknowledged, so a replay
-    // after a restart fails too. Only a crash before that flush forgets it; an initiation
-    // replayed then gets a message 2 nobody can use (finishing the handshake takes the
-    // dialer's ephemeral key), though its session replaces a live one with the dialer
-    // (SECURITY.md, step 4). Not waiting for the disk here saves a flush on every first
-    // message.
+    record_handshake(inner, &dialer, &presented, &binding, timestamp)?;
+    write_frame(&mut send, &msg2).await?;
+    // Let the connection's driver, woken onto this worker, send message 2 before the
+    // session is set up.
+    tokio::task::yield_now().await;
+    Ok((dialer, transport, send, recv))
+}
+
+/// Aborts the task when dropped (a refused handshake leaves no lookup running).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn look_up_dialer(inner: Arc<Inner>, dialer: Username) -> Result<crate::rendezvous::proto::AccountInfo, String> {
+    let agent = Agent { inner };
+    let lookup = agent.with_node(|node| {
+        let dialer = dialer.clone();
+        async move { node.lookup(&dialer).await }
+    });
+    lookup.await.map_err(|e| format!("cannot check {dialer} with the rendezvous node: {e}"))
+}
+
+/// The dialer's account must hold the key it presented, and have bound its Noise key.
+fn vouch(account: &crate::rendezvous::proto::AccountInfo, dialer: &Username, presented: &IdentityKey) -> Result<(), String> {
+    if !account.identity_key.ct_eq(presented) || account.noise.verify(&account.identity_key).is_err() {
+        return Err(format!("a dialer claimed to be {dialer} with a key that is not their account's"));
+    }
+    Ok(())
+}
+
+/// Records the initiation's timestamp atomically, so a replay (now or concurrently)
+/// fails. It reaches the disk with the session's first flush (or the flusher's
+/// linger), before anything in the session is acknowledged, so a replay after a restart
+/// fails too. Only a crash before that flush forgets it; an initiation replayed then
+/// gets a message 2 nobody can use (finishing the handshake takes the dialer's
+/// ephemeral key), though its session replaces a live one with the dialer (SECURITY.md,
+/// step 4). Not waiting for the disk here saves a flush on every first message.
+fn record_handshake(
+    inner: &Inner,
+    dialer: &Username,
+    presented: &IdentityKey,
+    binding: &NoiseBinding,
+    timestamp: u64,
+) -> Result<(), String> {
     let mut refused = false;
     inner
         .store
-        .update_contact(&dialer, &mut |current| {
+        .update_contact(dialer, &mut |current| {
             let mut c = current?;
-            refused = c.last_handshake >= timestamp || !c.identity_key.ct_eq(&presented);
+            refused = c.last_handshake >= timestamp || !c.identity_key.ct_eq(presented);
             if refused {
                 return None;
             }
             c.last_handshake = timestamp;
-            c.noise = binding;
+            c.noise = *binding;
             c.last_seen = unix_now();
             Some(c)
         })
@@ -862,9 +919,5 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
     if refused {
         return Err(SessionError::Replayed.to_string());
     }
-    write_frame(&mut send, &msg2).await?;
-    // Let the connection's driver, woken onto this worker, send message 2 before the
-    // session is set up.
-    tokio::task::yield_now().await;
-    Ok((dialer, transport, send, recv))
+    Ok(())
 }
