@@ -166,3 +166,60 @@ async fn an_unvouched_first_contact_dialer_is_never_read_and_leaves_nothing() {
     }
     w.alice_agent.send(&name("bob"), "still answered").await.unwrap();
 }
+
+/// A presence record for `user` (registered with `id`) whose one address is a bare UDP
+/// socket of the test's: anything a dialer sends there shows up on it.
+async fn listening_post(w: &World, id: &std::sync::Arc<Identity>, user: &str) -> (std::net::UdpSocket, tokio::sync::watch::Sender<bool>) {
+    common::register(&w.server, None, id, user).await;
+    let post = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    post.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let online = common::go_online(&w.server, id, user, post.local_addr().unwrap(), [3; 32]);
+    common::wait_until_visible(&w.alice_agent, user).await;
+    (post, online)
+}
+
+fn heard(post: &std::net::UdpSocket) -> bool {
+    let mut buf = [0u8; 2048];
+    post.recv(&mut buf).is_ok()
+}
+
+#[tokio::test]
+async fn a_changed_key_or_a_replayed_record_is_refused_before_any_packet_leaves() {
+    use sotto::peer::agent::SendError;
+    use sotto::store::Contact;
+    let w = world().await;
+    let dave = std::sync::Arc::new(Identity::generate());
+    let (post, _online) = listening_post(&w, &dave, "dave").await;
+    let store = w.alice_agent.store().clone();
+    let pin = |key: &Identity, highest_seq: u64| {
+        let contact = Contact {
+            username: name("dave"),
+            identity_key: key.public(),
+            noise: key.binding(),
+            verified: false,
+            first_seen: 1,
+            last_seen: 1,
+            highest_seq,
+            last_handshake: 0,
+            changed_key: None,
+        };
+        store.update_contact(&name("dave"), &mut |_| Some(contact.clone())).unwrap();
+    };
+    // Pinned under another key: refused as a key change, and nothing reaches the address.
+    pin(&Identity::generate(), 0);
+    let refused = w.alice_agent.send(&name("dave"), "to a changed key").await;
+    assert!(matches!(refused, Err(SendError::KeyChanged { .. })), "{refused:?}");
+    assert!(!heard(&post), "a packet went to the address of a record signed by a changed key");
+    // The right key, but a newer record seen than the node serves: refused as replayed.
+    pin(&dave, u64::MAX);
+    let refused = w.alice_agent.send(&name("dave"), "against a replayed record").await;
+    assert!(matches!(&refused, Err(SendError::Untrusted { reason, .. }) if reason.contains("older presence record")), "{refused:?}");
+    assert!(!heard(&post), "a packet went to the address of a replayed record");
+    // The same record, trusted: the dial does go out (the post hears it).
+    pin(&dave, 0);
+    let agent = w.alice_agent.clone();
+    let sending = tokio::spawn(async move { agent.send(&name("dave"), "trusted").await });
+    let heard_it = tokio::task::spawn_blocking(move || heard(&post)).await.unwrap();
+    sending.abort();
+    assert!(heard_it, "a trusted record's address hears the dial");
+}
