@@ -54,7 +54,9 @@ async fn an_unvouched_dialer_claiming_a_contact_raises_no_key_change() {
     let mut events = w.bob_agent.subscribe();
     let mallory = Identity::generate();
     let (_, preamble, msg1) = Dial::start(&mallory, &name("alice"), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
-    assert!(raw_dial(&w, &[preamble, msg1]).await.is_none(), "bob must not answer mallory");
+    // Answered like any dialer bob has not pinned under the key it presents (so the
+    // answer shows nobody whether "alice" is a contact of his), then closed unread.
+    assert!(raw_dial(&w, &[preamble, msg1]).await.is_some(), "bob answers as he answers a first contact");
     let contact = w.bob_agent.store().contact(&name("alice")).unwrap().unwrap();
     assert_eq!(contact.identity_key, w.alice.public(), "alice's pinned key is untouched");
     assert_eq!(contact.changed_key, None, "no key change recorded for a claim the node does not back");
@@ -134,8 +136,11 @@ async fn an_unvouched_first_contact_dialer_is_never_read_and_leaves_nothing() {
     common::register(&w.server, None, &Identity::generate(), "carol").await;
     let mut events = w.bob_agent.subscribe();
     let mallory = Identity::generate();
-    // Bob has pinned neither: "carol" is an account with another key, "nobody" no account.
-    for claim in ["carol", "nobody"] {
+    let before = w.bob_agent.store().contact(&name("alice")).unwrap();
+    // "alice" is bob's contact, "carol" an account bob has not pinned, "nobody" no
+    // account at all: mallory's key is none of theirs, and each claim goes the same way.
+    let claims = ["alice", "carol", "nobody"];
+    for claim in claims {
         let (dial, preamble, msg1) = Dial::start(&mallory, &name(claim), &name("bob"), &w.bob_noise, unix_now_ns()).unwrap();
         let (config, _) = tls::client_config(w.bob_cert, ALPN).unwrap();
         let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
@@ -144,25 +149,40 @@ async fn an_unvouched_first_contact_dialer_is_never_read_and_leaves_nothing() {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&encode_frame(&preamble)).await.unwrap();
         send.write_all(&encode_frame(&msg1)).await.unwrap();
-        // On first contact message 2 goes out while bob checks the claim with the node;
-        // the check decides whether anything the dialer sends is ever read.
+        // Message 2 goes out while bob checks the claim with the node; the check decides
+        // whether anything the dialer sends is ever read.
         let msg2 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await;
         let mut transport = dial.finish(&msg2).unwrap();
+        // Whatever bob sends back from now on (an ack would come before his close).
+        let answers = tokio::spawn(async move {
+            let mut frames = 0;
+            let mut header = [0u8; HEADER_LEN];
+            while recv.read_exact(&mut header).await.is_ok() {
+                frames += 1;
+            }
+            frames
+        });
         let chat = PeerMessage::Chat { id: [7; 16], sent_at: 1, body: "from mallory".into() };
         let _ = send.write_all(&encode_frame(&transport.seal(&chat).unwrap())).await;
         let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         assert!(closed.is_ok(), "bob closes the connection of a dialer claiming {claim}");
-        assert!(recv.read_to_end(1 << 16).await.map_or(true, |rest| rest.is_empty()), "no ack for {claim}");
+        assert_eq!(answers.await.unwrap(), 0, "bob answered the claim to be {claim} after message 2");
+    }
+    assert_eq!(w.bob_agent.store().contact(&name("alice")).unwrap(), before, "alice's contact is untouched");
+    for claim in ["carol", "nobody"] {
         assert_eq!(w.bob_agent.store().contact(&name(claim)).unwrap(), None, "nothing pinned for {claim}");
     }
     assert!(w.bob_agent.store().last(None, 100).unwrap().iter().all(|m| m.id != [7; 16]), "nothing mallory sent is stored");
     while let Ok(event) = events.try_recv() {
         let peer = match &event {
-            AgentEvent::SessionOpened { peer, .. } | AgentEvent::SessionClosed { peer } => Some(peer),
-            AgentEvent::Received(m) => Some(&m.peer),
-            _ => None,
+            AgentEvent::Received(m) => &m.peer,
+            AgentEvent::Delivered { peer, .. }
+            | AgentEvent::KeyChanged { peer, .. }
+            | AgentEvent::SessionOpened { peer, .. }
+            | AgentEvent::SessionClosed { peer }
+            | AgentEvent::Presence { peer, .. } => peer,
         };
-        assert!(peer.is_none_or(|p| p.as_str() == "alice"), "bob reported {event:?}");
+        assert!(!claims.contains(&peer.as_str()), "bob reported {event:?}");
     }
     w.alice_agent.send(&name("bob"), "still answered").await.unwrap();
 }

@@ -15,7 +15,7 @@ use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::session::{encode_chat, Answer, Dial, Preamble, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE};
+use super::session::{encode_chat, Answer, Dial, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE};
 use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
@@ -811,29 +811,22 @@ type Accepted = (Username, Transport, quinn::SendStream, quinn::RecvStream);
 async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted, String> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
     let preamble = read_frame(&mut recv, MAX_PREAMBLE).await?.ok_or("no preamble")?;
-    // A dialer who is no contact yet is checked with the rendezvous node's account. The
-    // lookup starts now, on the name the preamble claims, and runs while message 1 is
-    // read and answered; nothing the dialer sent is trusted until it is back.
-    let claimed = Preamble::parse(&preamble).ok().map(|p| p.dialer);
-    let pinned = match &claimed {
-        Some(dialer) => inner.store.contact(dialer).map_err(|e| e.to_string())?,
-        None => None,
-    };
-    let first_contact = match (&claimed, &pinned) {
-        (Some(dialer), None) => Some(AbortOnDrop(tokio::spawn(look_up_dialer(inner.clone(), dialer.clone())))),
-        _ => None,
-    };
     let msg1 = read_frame(&mut recv, MAX_HANDSHAKE_MESSAGE).await?.ok_or("no handshake")?;
     let answer = Answer::read(&inner.identity, &inner.config.username, &preamble, &msg1).map_err(|e| e.to_string())?;
     let dialer = answer.dialer.clone();
     let presented = answer.hello.identity_key;
     let timestamp = answer.hello.timestamp;
     let binding = NoiseBinding { noise_key: answer.dialer_noise, signature: answer.hello.noise_binding };
-    if let Some(mut lookup) = first_contact {
-        // First contact: message 2 goes out before the account is back, and the session
-        // starts (reads what the dialer sends) only once the account vouches for the key.
-        // Message 2 carries nothing and is of use only to whoever holds the keys behind
-        // message 1 (SECURITY.md, step 4).
+    let pinned = inner.store.contact(&dialer).map_err(|e| e.to_string())?;
+    if !pinned.as_ref().is_some_and(|c| c.identity_key.ct_eq(&presented)) {
+        // Not pinned under this key: a first contact, a changed key, or a claim the node
+        // does not back (anyone can claim a username). The rendezvous account is looked
+        // up while message 2 goes out and the dialer finishes the handshake; the session
+        // starts, and reads what the dialer sent, only once the account holds the key.
+        // Every such dialer is answered alike, so the answer shows nobody whom we have
+        // pinned. Only a key the account holds is pinned or raises a key-change warning
+        // (SECURITY.md, step 4).
+        let mut lookup = AbortOnDrop(tokio::spawn(look_up_dialer(inner.clone(), dialer.clone())));
         let (transport, msg2) = answer.accept(&presented, None, unix_now_ns()).map_err(|e: SessionError| e.to_string())?;
         write_frame(&mut send, &msg2).await?;
         let account = (&mut lookup.0).await.map_err(|e| e.to_string())??;
@@ -842,17 +835,8 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
         record_handshake(inner, &dialer, &presented, &binding, timestamp)?;
         return Ok((dialer, transport, send, recv));
     }
-    if !pinned.as_ref().is_some_and(|c| c.identity_key.ct_eq(&presented)) {
-        // A key other than the pinned one. Anyone can claim a username; only a key the
-        // rendezvous account holds may raise a key-change warning. Any other claim is
-        // refused quietly, before message 2.
-        let account = look_up_dialer(inner.clone(), dialer.clone()).await?;
-        vouch(&account, &dialer, &presented)?;
-        check_trust(inner, &dialer, &presented, &binding, None).map_err(|e| e.to_string())?;
-    }
-    let contact = inner.store.contact(&dialer).map_err(|e| e.to_string())?.ok_or("contact missing")?;
-    let last = (contact.last_handshake > 0).then_some(contact.last_handshake);
-    let (transport, msg2) = answer.accept(&contact.identity_key, last, unix_now_ns()).map_err(|e: SessionError| e.to_string())?;
+    let last = pinned.and_then(|c| (c.last_handshake > 0).then_some(c.last_handshake));
+    let (transport, msg2) = answer.accept(&presented, last, unix_now_ns()).map_err(|e: SessionError| e.to_string())?;
     record_handshake(inner, &dialer, &presented, &binding, timestamp)?;
     write_frame(&mut send, &msg2).await?;
     // Let the connection's driver, woken onto this worker, send message 2 before the
