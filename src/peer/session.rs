@@ -77,18 +77,6 @@ pub struct Preamble {
     pub callee: Username,
 }
 
-impl Preamble {
-    /// Parses a preamble of this protocol version, with nothing after it. Nothing in it
-    /// is authenticated until message 1 is read with it as the prologue.
-    pub fn parse(bytes: &[u8]) -> Result<Preamble, SessionError> {
-        let (preamble, rest) = postcard::take_from_bytes::<Preamble>(bytes).map_err(|_| SessionError::BadPreamble)?;
-        if !rest.is_empty() || preamble.version != PREAMBLE_VERSION {
-            return Err(SessionError::BadPreamble);
-        }
-        Ok(preamble)
-    }
-}
-
 /// The payload of Noise message 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DialerHello {
@@ -210,7 +198,10 @@ impl Answer {
     /// identity is the right one for the dialer's username is the caller's to decide
     /// (pinned contact or rendezvous lookup), through [`Answer::accept`].
     pub fn read(me: &Identity, my_name: &Username, preamble_bytes: &[u8], msg1: &[u8]) -> Result<Answer, SessionError> {
-        let preamble = Preamble::parse(preamble_bytes)?;
+        let (preamble, rest) = postcard::take_from_bytes::<Preamble>(preamble_bytes).map_err(|_| SessionError::BadPreamble)?;
+        if !rest.is_empty() || preamble.version != PREAMBLE_VERSION {
+            return Err(SessionError::BadPreamble);
+        }
         if &preamble.callee != my_name {
             return Err(SessionError::NotForMe);
         }
