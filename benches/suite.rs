@@ -274,72 +274,23 @@ fn session_pair() -> (Transport, Transport) {
 /// 64 KiB Noise frame each), sealed, framed and opened; baseline: a raw QUIC stream
 /// carrying the same bytes.
 async fn bulk(scale: Scale) {
-    let (reps, megabytes) = scale.pick((5, 160usize), (1, 8));
+    let (reps, megabytes) = scale.pick((6, 160usize), (1, 8));
     let frames = megabytes * 1_000_000 / MAX_BODY;
     let bytes = (frames * MAX_BODY) as f64;
     let (mut sotto_rates, mut raw_rates) = (Samples::new(), Samples::new());
-    for _ in 0..reps {
-        // sotto: seal → frame → QUIC → frame → open.
-        let (mut sender, receiver) = session_pair();
-        let receiver = std::sync::Mutex::new(Some(receiver));
-        let (_server, addr, pin) = raw_server(move |conn| {
-            let transport = receiver.lock().unwrap().take();
-            async move {
-                let Some(mut transport) = transport else { return };
-                let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-                let (mut reader, mut frames, mut plain) = (FrameReader::new(MAX_NOISE_MESSAGE), Vec::new(), Vec::new());
-                while let Ok(true) = reader.read(&mut recv, &mut frames).await {
-                    for frame in frames.drain(..) {
-                        let PeerMessage::Chat { body, .. } = transport.open_with(&frame, &mut plain).unwrap() else { panic!("not a chat") };
-                        assert_eq!(body.len(), MAX_BODY);
-                    }
-                }
-                let _ = send.finish();
-            }
-        })
-        .await;
-        let conn = raw_connect(addr, pin).await;
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let body = "z".repeat(MAX_BODY);
-        let start = Instant::now();
-        for i in 0..frames {
-            let mut out = Vec::with_capacity(MAX_NOISE_MESSAGE + 4);
-            let mut id = [0u8; 16];
-            id[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            // As a session sends a chat message: encoded from the stored body, sealed
-            // into the write buffer.
-            sender.seal_frame(&encode_chat(&id, unix_now_ms(), &body), &mut out).unwrap();
-            // Handed to the stream without a copy, as a session does.
-            send.write_chunk(out.into()).await.unwrap();
+    // CPU of the whole process (both sides, every thread) per byte carried: steadier
+    // than the rates on a shared machine, and what the rates' ratio follows while the
+    // cores are busy.
+    let (mut sotto_cpu, mut raw_cpu) = (Samples::new(), Samples::new());
+    for rep in 0..reps {
+        // Each goes first in every other repetition, so neither is always the one that
+        // follows the other's wake.
+        for sotto in [rep % 2 == 0, rep % 2 == 1] {
+            let (elapsed, cpu_used) = if sotto { bulk_sotto(frames).await } else { bulk_raw(frames * MAX_BODY).await };
+            let (rates, cpu) = if sotto { (&mut sotto_rates, &mut sotto_cpu) } else { (&mut raw_rates, &mut raw_cpu) };
+            rates.push(bytes / elapsed.as_secs_f64() / 1e6);
+            cpu.push(cpu_used.as_nanos() as f64 / bytes);
         }
-        send.finish().unwrap();
-        // The receiver has read everything once the stream is acknowledged as finished.
-        let _ = recv.read_to_end(16).await;
-        sotto_rates.push(bytes / start.elapsed().as_secs_f64() / 1e6);
-        conn.close(0u32.into(), b"done");
-
-        // raw: the same bytes in 64 KiB writes.
-        let (_server, addr, pin) = raw_server(|conn| async move {
-            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(Some(_)) = recv.read(&mut buf).await {}
-            let _ = send.finish();
-        })
-        .await;
-        let conn = raw_connect(addr, pin).await;
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let chunk = vec![0x5au8; 64 * 1024];
-        let start = Instant::now();
-        let mut left = frames * MAX_BODY;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            send.write_all(&chunk[..n]).await.unwrap();
-            left -= n;
-        }
-        send.finish().unwrap();
-        let _ = recv.read_to_end(16).await;
-        raw_rates.push(bytes / start.elapsed().as_secs_f64() / 1e6);
-        conn.close(0u32.into(), b"done");
     }
     Figure {
         name: "bulk_session_bytes",
@@ -348,9 +299,88 @@ async fn bulk(scale: Scale) {
         baseline: Some(raw_rates.median()),
         target: Some(">= 0.75"),
         better: Better::Higher,
-        extra: merge(spread(&sotto_rates), json!({ "megabytes": megabytes, "frame_body": MAX_BODY })),
+        extra: merge(
+            spread(&sotto_rates),
+            json!({
+                "megabytes": megabytes,
+                "frame_body": MAX_BODY,
+                "cpu_ns_per_byte": sotto_cpu.median(),
+                "baseline_cpu_ns_per_byte": raw_cpu.median(),
+            }),
+        ),
     }
     .emit();
+}
+
+/// Carries `frames` chat messages of [`MAX_BODY`] bytes through a session: seal →
+/// frame → QUIC → frame → open. Returns the time and the process's CPU time from the
+/// first seal until the receiver has opened every one.
+async fn bulk_sotto(frames: usize) -> (Duration, Duration) {
+    let (mut sender, receiver) = session_pair();
+    let receiver = std::sync::Mutex::new(Some(receiver));
+    let (_server, addr, pin) = raw_server(move |conn| {
+        let transport = receiver.lock().unwrap().take();
+        async move {
+            let Some(mut transport) = transport else { return };
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let (mut reader, mut frames, mut plain) = (FrameReader::new(MAX_NOISE_MESSAGE), Vec::new(), Vec::new());
+            while let Ok(true) = reader.read(&mut recv, &mut frames).await {
+                for frame in frames.drain(..) {
+                    let PeerMessage::Chat { body, .. } = transport.open_with(&frame, &mut plain).unwrap() else { panic!("not a chat") };
+                    assert_eq!(body.len(), MAX_BODY);
+                }
+            }
+            let _ = send.finish();
+        }
+    })
+    .await;
+    let conn = raw_connect(addr, pin).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let body = "z".repeat(MAX_BODY);
+    let (start, cpu_start) = (Instant::now(), cpu_time());
+    for i in 0..frames {
+        let mut out = Vec::with_capacity(MAX_NOISE_MESSAGE + 4);
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        // As a session sends a chat message: encoded from the stored body, sealed into
+        // the write buffer.
+        sender.seal_frame(&encode_chat(&id, unix_now_ms(), &body), &mut out).unwrap();
+        // Handed to the stream without a copy, as a session does.
+        send.write_chunk(out.into()).await.unwrap();
+    }
+    send.finish().unwrap();
+    // The receiver has read everything once the stream is acknowledged as finished.
+    let _ = recv.read_to_end(16).await;
+    let used = (start.elapsed(), cpu_time() - cpu_start);
+    conn.close(0u32.into(), b"done");
+    used
+}
+
+/// The baseline: `bytes` through a raw QUIC stream in 64 KiB writes; the same
+/// measures as [`bulk_sotto`].
+async fn bulk_raw(bytes: usize) -> (Duration, Duration) {
+    let (_server, addr, pin) = raw_server(|conn| async move {
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(Some(_)) = recv.read(&mut buf).await {}
+        let _ = send.finish();
+    })
+    .await;
+    let conn = raw_connect(addr, pin).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut left = bytes;
+    let (start, cpu_start) = (Instant::now(), cpu_time());
+    while left > 0 {
+        let n = left.min(chunk.len());
+        send.write_all(&chunk[..n]).await.unwrap();
+        left -= n;
+    }
+    send.finish().unwrap();
+    let _ = recv.read_to_end(16).await;
+    let used = (start.elapsed(), cpu_time() - cpu_start);
+    conn.close(0u32.into(), b"done");
+    used
 }
 
 /// Figure 4: the first message to a peer never dialled before (lookup, QUIC, Noise IK,
