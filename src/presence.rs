@@ -83,6 +83,14 @@ impl SignedPresence {
     /// Checks the signature with `signer`, then decodes, then checks that the record
     /// speaks for `signer` (key and Noise binding). Freshness is checked separately.
     pub fn verify(&self, signer: &IdentityKey) -> Result<PresenceRecord, PresenceError> {
+        self.verify_knowing(signer, None)
+    }
+
+    /// [`verify`](Self::verify), where `verified` is a Noise binding the caller has
+    /// already verified under `signer`: a record carrying that very binding (byte for
+    /// byte) is not checked for it twice, as an Ed25519 verification depends on nothing
+    /// but the key, the message and the signature. Any other binding is checked.
+    pub fn verify_knowing(&self, signer: &IdentityKey, verified: Option<&NoiseBinding>) -> Result<PresenceRecord, PresenceError> {
         if self.payload.len() > MAX_RECORD_BYTES {
             return Err(PresenceError::Oversized);
         }
@@ -97,7 +105,9 @@ impl SignedPresence {
         if !record.identity_key.ct_eq(signer) {
             return Err(PresenceError::WrongKey);
         }
-        record.noise.verify(signer).map_err(|_| PresenceError::BadBinding)?;
+        if verified != Some(&record.noise) {
+            record.noise.verify(signer).map_err(|_| PresenceError::BadBinding)?;
+        }
         if record.addrs.len() > MAX_ADDRS {
             return Err(PresenceError::TooManyAddrs);
         }
@@ -220,6 +230,26 @@ pub(crate) mod tests {
         rec.noise = mallory.binding();
         let signed = SignedPresence::sign(&rec, alice.secret());
         assert_eq!(signed.verify(&alice.public()), Err(PresenceError::BadBinding));
+    }
+
+    #[test]
+    fn only_the_binding_already_verified_goes_unchecked() {
+        let (alice, mallory) = (identity(1), identity(2));
+        let rec = record(&alice, "alice", 1, NOW, 60);
+        let signed = SignedPresence::sign(&rec, alice.secret());
+        assert_eq!(signed.verify_knowing(&alice.public(), Some(&alice.binding())), Ok(rec.clone()));
+        // A record whose binding is not the one the caller verified is checked as ever:
+        // a foreign binding is refused whatever the caller knows.
+        let mut foreign = rec;
+        foreign.noise = mallory.binding();
+        let signed = SignedPresence::sign(&foreign, alice.secret());
+        for known in [None, Some(&alice.binding())] {
+            assert_eq!(signed.verify_knowing(&alice.public(), known), Err(PresenceError::BadBinding));
+        }
+        // The record's signature is checked either way.
+        let mut forged = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), alice.secret());
+        forged.signature[3] ^= 1;
+        assert_eq!(forged.verify_knowing(&alice.public(), Some(&alice.binding())), Err(PresenceError::BadSignature));
     }
 
     #[test]

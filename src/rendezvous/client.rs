@@ -294,7 +294,9 @@ pub fn verify_lookup(info: AccountInfo, now: u64, skew: u64) -> Result<VerifiedA
     let presence = match &info.presence {
         None => None,
         Some(signed) => {
-            let record = signed.verify(&info.identity_key)?;
+            // The account's binding, verified just above, is the one the record must
+            // carry: it is not verified twice.
+            let record = signed.verify_knowing(&info.identity_key, Some(&info.noise))?;
             if record.username != info.username {
                 return Err(PresenceError::WrongUser);
             }

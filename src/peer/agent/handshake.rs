@@ -153,7 +153,7 @@ async fn answer(inner: &Arc<Inner>, conn: &quinn::Connection) -> Result<Accepted
         let (transport, msg2) = answer.accept(&presented, None, unix_now_ns()).map_err(|e: SessionError| e.to_string())?;
         write_frame(&mut send, &msg2).await?;
         let account = (&mut lookup.0).await.map_err(|e| e.to_string())??;
-        vouch(&account, &dialer, &presented)?;
+        vouch(&account, &dialer, &presented, &binding)?;
         check_trust(inner, &dialer, &presented, &binding, None).map_err(|e| e.to_string())?;
         record_handshake(inner, &dialer, &presented, &binding, timestamp)?;
         return Ok((dialer, transport, send, recv));
@@ -187,8 +187,11 @@ async fn look_up_dialer(inner: Arc<Inner>, dialer: Username) -> Result<AccountIn
 }
 
 /// The dialer's account must hold the key it presented, and have bound its Noise key.
-fn vouch(account: &AccountInfo, dialer: &Username, presented: &IdentityKey) -> Result<(), String> {
-    if !account.identity_key.ct_eq(presented) || account.noise.verify(&account.identity_key).is_err() {
+/// `presented_binding` was verified under `presented` when message 1 was read: when the
+/// account holds that key and that very binding, the binding is not verified again.
+fn vouch(account: &AccountInfo, dialer: &Username, presented: &IdentityKey, presented_binding: &NoiseBinding) -> Result<(), String> {
+    let bound = || account.noise == *presented_binding || account.noise.verify(&account.identity_key).is_ok();
+    if !account.identity_key.ct_eq(presented) || !bound() {
         return Err(format!("a dialer claimed to be {dialer} with a key that is not their account's"));
     }
     Ok(())
@@ -227,4 +230,34 @@ fn record_handshake(
         return Err(SessionError::Replayed.to_string());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{IdentitySecret, NoiseSecret};
+    use crate::presence::tests::identity;
+
+    fn account(identity_key: IdentityKey, noise: NoiseBinding) -> AccountInfo {
+        AccountInfo { username: Username::parse("carol").unwrap(), identity_key, noise, presence: None }
+    }
+
+    #[test]
+    fn vouch_needs_the_presented_key_and_a_valid_binding() {
+        let (carol, mallory) = (identity(3), identity(4));
+        let dialer = Username::parse("carol").unwrap();
+        let presented = carol.binding();
+        // The account holds the key and the very binding the dialer presented.
+        assert!(vouch(&account(carol.public(), presented), &dialer, &carol.public(), &presented).is_ok());
+        // Another binding of the same key is checked, and a valid one passes.
+        let rebound = Identity::new(IdentitySecret::from_seed(&[3; 32]), NoiseSecret::from_bytes(&[9; 32]));
+        assert_ne!(rebound.binding(), presented);
+        assert!(vouch(&account(carol.public(), rebound.binding()), &dialer, &carol.public(), &presented).is_ok());
+        // A binding the account's key did not make is refused.
+        assert!(vouch(&account(carol.public(), mallory.binding()), &dialer, &carol.public(), &presented).is_err());
+        // An account holding another key is refused, whatever binding it holds.
+        for noise in [presented, mallory.binding()] {
+            assert!(vouch(&account(mallory.public(), noise), &dialer, &carol.public(), &presented).is_err());
+        }
+    }
 }
