@@ -90,7 +90,7 @@ impl SignedPresence {
     /// already verified under `signer`: a record carrying that very binding (byte for
     /// byte) is not checked for it twice, as an Ed25519 verification depends on nothing
     /// but the key, the message and the signature. Any other binding is checked.
-    pub fn verify_knowing(&self, signer: &IdentityKey, verified: Option<&NoiseBinding>) -> Result<PresenceRecord, PresenceError> {
+    pub(crate) fn verify_knowing(&self, signer: &IdentityKey, verified: Option<&NoiseBinding>) -> Result<PresenceRecord, PresenceError> {
         if self.payload.len() > MAX_RECORD_BYTES {
             return Err(PresenceError::Oversized);
         }
@@ -246,6 +246,11 @@ pub(crate) mod tests {
         for known in [None, Some(&alice.binding())] {
             assert_eq!(signed.verify_knowing(&alice.public(), known), Err(PresenceError::BadBinding));
         }
+        // So is a binding with the same Noise key and another signature.
+        let mut resigned = record(&alice, "alice", 1, NOW, 60);
+        resigned.noise.signature[0] ^= 1;
+        let signed = SignedPresence::sign(&resigned, alice.secret());
+        assert_eq!(signed.verify_knowing(&alice.public(), Some(&alice.binding())), Err(PresenceError::BadBinding));
         // The record's signature is checked either way.
         let mut forged = SignedPresence::sign(&record(&alice, "alice", 1, NOW, 60), alice.secret());
         forged.signature[3] ^= 1;

@@ -190,8 +190,10 @@ async fn look_up_dialer(inner: Arc<Inner>, dialer: Username) -> Result<AccountIn
 /// `presented_binding` was verified under `presented` when message 1 was read: when the
 /// account holds that key and that very binding, the binding is not verified again.
 fn vouch(account: &AccountInfo, dialer: &Username, presented: &IdentityKey, presented_binding: &NoiseBinding) -> Result<(), String> {
-    let bound = || account.noise == *presented_binding || account.noise.verify(&account.identity_key).is_ok();
-    if !account.identity_key.ct_eq(presented) || !bound() {
+    let holds_key = account.identity_key.ct_eq(presented);
+    // The skip is sound only for the key the binding was verified under.
+    let already_verified = holds_key && account.noise == *presented_binding;
+    if !holds_key || !(already_verified || account.noise.verify(&account.identity_key).is_ok()) {
         return Err(format!("a dialer claimed to be {dialer} with a key that is not their account's"));
     }
     Ok(())
@@ -253,8 +255,12 @@ mod tests {
         let rebound = Identity::new(IdentitySecret::from_seed(&[3; 32]), NoiseSecret::from_bytes(&[9; 32]));
         assert_ne!(rebound.binding(), presented);
         assert!(vouch(&account(carol.public(), rebound.binding()), &dialer, &carol.public(), &presented).is_ok());
-        // A binding the account's key did not make is refused.
+        // A binding the account's key did not make is refused, and so is the presented
+        // Noise key with another signature.
         assert!(vouch(&account(carol.public(), mallory.binding()), &dialer, &carol.public(), &presented).is_err());
+        let mut resigned = presented;
+        resigned.signature[0] ^= 1;
+        assert!(vouch(&account(carol.public(), resigned), &dialer, &carol.public(), &presented).is_err());
         // An account holding another key is refused, whatever binding it holds.
         for noise in [presented, mallory.binding()] {
             assert!(vouch(&account(mallory.public(), noise), &dialer, &carol.public(), &presented).is_err());
