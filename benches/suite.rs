@@ -326,7 +326,7 @@ async fn bulk_sotto(frames: usize) -> (Duration, Duration) {
             let (mut reader, mut frames, mut plain) = (FrameReader::new(MAX_NOISE_MESSAGE), Vec::new(), Vec::new());
             while let Ok(true) = reader.read(&mut recv, &mut frames).await {
                 for frame in frames.drain(..) {
-                    let PeerMessage::Chat { body, .. } = transport.open_with(&frame, &mut plain).unwrap() else { panic!("not a chat") };
+                    let PeerMessage::Chat { body, .. } = transport.open_frame(frame, &mut plain).unwrap() else { panic!("not a chat") };
                     assert_eq!(body.len(), MAX_BODY);
                 }
             }

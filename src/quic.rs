@@ -128,7 +128,9 @@ impl FrameReader {
             self.partial.extend_from_slice(&piece[..take]);
             piece.advance(take);
             if self.partial.len() == whole {
-                frames.push(self.partial.split().freeze().slice(HEADER_LEN..));
+                // Handed on unshared (the next frame starts a buffer of its own), so it
+                // can be decrypted where it lies.
+                frames.push(std::mem::take(&mut self.partial).freeze().slice(HEADER_LEN..));
             }
         }
         // A frame left part-way has its clock running: started now if it began in this
@@ -220,6 +222,18 @@ mod tests {
         assert!(split_header.split(bytes::Bytes::copy_from_slice(&empty[..2]), &mut frames).is_ok());
         assert!(split_header.split(bytes::Bytes::copy_from_slice(&empty[2..]), &mut frames).is_err());
         assert_eq!(frames.len(), 1, "only the 16-byte frame came through");
+    }
+
+    #[test]
+    fn a_gathered_frame_is_handed_on_unshared() {
+        let bytes = stream(&[&[7u8; 3000], b"x"]);
+        let (mut reader, mut frames) = (FrameReader::new(4096), Vec::new());
+        for piece in bytes.chunks(1200) {
+            reader.split(bytes::Bytes::copy_from_slice(piece), &mut frames).unwrap();
+        }
+        let gathered = frames.remove(0).try_into_mut().expect("nothing else holds a gathered frame");
+        assert_eq!(&gathered[..], &[7u8; 3000]);
+        assert_eq!(&frames[0][..], b"x");
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //! (Noise §11.3) after every [`REKEY_INTERVAL`] messages, counted identically by both
 //! sides. A failed decrypt is fatal to the session: the caller must drop it.
 
+use ring::aead;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 use crate::keys::{Identity, IdentityKey, NoiseBinding, NoiseKey};
 use crate::username::Username;
@@ -67,6 +69,8 @@ pub enum SessionError {
     Malformed,
     #[error("message too large")]
     TooLarge,
+    #[error("this session has used every nonce; dial again")]
+    Exhausted,
 }
 
 /// Who dials whom, sent before Noise message 1 and bound into the prologue.
@@ -253,22 +257,40 @@ impl Answer {
     }
 }
 
-/// An established session's cipher state.
+/// An established session: one Noise CipherState (§5.1) for each direction, with
+/// ChaChaPoly (§12.5), sealing and opening in place.
+///
+/// snow carries the handshake; its `TransportState` takes separate input and output
+/// buffers, so each message would be copied into a zeroed buffer before it is sealed and
+/// copied out again before it is opened. These cipher states start from the keys of
+/// the handshake's Split() and follow the spec's rules: the nonce is 32 zero bits then
+/// the 64-bit counter `n`, little-endian; `n` advances only on success and never reaches
+/// 2^64 − 1, which is reserved; a rekey replaces the key with the first 32 bytes of
+/// ENCRYPT(k, 2^64 − 1, "", 32 zero bytes) and leaves `n` as it is. A test holds them
+/// to snow's own transport across rekeys in both directions.
 pub struct Transport {
-    state: snow::TransportState,
-    sent: u64,
-    received: u64,
+    send: CipherState,
+    recv: CipherState,
 }
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport").field("sent", &self.sent).field("received", &self.received).finish_non_exhaustive()
+        f.debug_struct("Transport").field("sent", &self.send.n).field("received", &self.recv.n).finish_non_exhaustive()
     }
 }
 
 impl Transport {
-    fn new(hs: snow::HandshakeState) -> Result<Self, SessionError> {
-        Ok(Self { state: hs.into_transport_mode().map_err(|_| SessionError::Handshake)?, sent: 0, received: 0 })
+    fn new(mut hs: snow::HandshakeState) -> Result<Self, SessionError> {
+        if !hs.is_handshake_finished() {
+            return Err(SessionError::Handshake);
+        }
+        // Split(): the first key carries the initiator's messages, the second the
+        // responder's.
+        let (mut first, mut second) = hs.dangerously_get_raw_split();
+        let (first_state, second_state) = (CipherState::new(&first), CipherState::new(&second));
+        first.zeroize();
+        second.zeroize();
+        Ok(if hs.is_initiator() { Self { send: first_state, recv: second_state } } else { Self { send: second_state, recv: first_state } })
     }
 
     /// Encrypts one message into one Noise transport message.
@@ -280,27 +302,28 @@ impl Transport {
 
     /// Encrypts an encoded message ([`encode_message`](crate::wire::encode_message) or
     /// [`encode_chat`]) and appends it to `out` as one frame: the length, then the Noise
-    /// transport message. Frames for one write can share a buffer, and the ciphertext is
-    /// written where it is sent from.
+    /// transport message. Frames for one write can share a buffer, and the message is
+    /// sealed where it is sent from.
     pub fn seal_frame(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
         if plain.len() > MAX_PLAINTEXT {
             return Err(SessionError::TooLarge);
         }
         let start = out.len();
-        out.resize(start + HEADER_LEN + plain.len() + NOISE_TAG_LEN, 0);
-        let sealed = self.state.write_message(plain, &mut out[start + HEADER_LEN..]);
-        let Ok(n) = sealed else {
-            out.truncate(start);
-            return Err(SessionError::TooLarge);
-        };
-        // n ≤ MAX_NOISE_MESSAGE, so it fits the header.
-        out[start..start + HEADER_LEN].copy_from_slice(&(n as u32).to_be_bytes());
-        out.truncate(start + HEADER_LEN + n);
-        self.sent += 1;
-        if self.sent % REKEY_INTERVAL == 0 {
-            self.state.rekey_outgoing();
+        let len = plain.len() + NOISE_TAG_LEN;
+        out.reserve(HEADER_LEN + len);
+        // len ≤ MAX_NOISE_MESSAGE, so it fits the header.
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.extend_from_slice(plain);
+        match self.send.seal(&mut out[start + HEADER_LEN..]) {
+            Ok(tag) => {
+                out.extend_from_slice(&tag);
+                Ok(())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Decrypts one Noise transport message. Any error means the session is over.
@@ -314,17 +337,90 @@ impl Transport {
         if bytes.len() > MAX_NOISE_MESSAGE {
             return Err(SessionError::TooLarge);
         }
-        scratch.resize(bytes.len(), 0);
-        let n = self.state.read_message(bytes, scratch).map_err(|_| SessionError::Decrypt)?;
-        self.received += 1;
-        if self.received % REKEY_INTERVAL == 0 {
-            self.state.rekey_incoming();
-        }
-        crate::wire::decode_message(&scratch[..n]).map_err(|_| SessionError::Malformed)
+        scratch.clear();
+        scratch.extend_from_slice(bytes);
+        self.open_in_place(scratch)
     }
 
+    /// [`open`](Self::open) for a frame as it came off the stream: decrypted where it
+    /// lies when nothing else holds it (a frame gathered from several pieces), else in
+    /// `scratch`.
+    pub fn open_frame(&mut self, frame: bytes::Bytes, scratch: &mut Vec<u8>) -> Result<PeerMessage, SessionError> {
+        match frame.try_into_mut() {
+            Ok(mut own) if own.len() <= MAX_NOISE_MESSAGE => self.open_in_place(&mut own),
+            Ok(own) => self.open_with(&own, scratch),
+            Err(shared) => self.open_with(&shared, scratch),
+        }
+    }
+
+    fn open_in_place(&mut self, message: &mut [u8]) -> Result<PeerMessage, SessionError> {
+        let plain = self.recv.open(message)?;
+        crate::wire::decode_message(plain).map_err(|_| SessionError::Malformed)
+    }
+
+    /// Messages sealed and opened so far.
     pub fn counts(&self) -> (u64, u64) {
-        (self.sent, self.received)
+        (self.send.n, self.recv.n)
+    }
+}
+
+/// One direction's Noise CipherState: the key and the message counter `n`.
+struct CipherState {
+    key: aead::LessSafeKey,
+    n: u64,
+}
+
+impl CipherState {
+    fn new(key: &[u8; 32]) -> Self {
+        Self { key: Self::key(key), n: 0 }
+    }
+
+    fn key(key: &[u8; 32]) -> aead::LessSafeKey {
+        aead::LessSafeKey::new(aead::UnboundKey::new(&aead::CHACHA20_POLY1305, key).expect("a 32-byte ChaCha20-Poly1305 key"))
+    }
+
+    /// ChaChaPoly's nonce for counter `n`: 32 zero bits, then `n` little-endian.
+    fn nonce(n: u64) -> aead::Nonce {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        nonce[4..].copy_from_slice(&n.to_le_bytes());
+        aead::Nonce::assume_unique_for_key(nonce)
+    }
+
+    /// Encrypts `in_out` where it lies; returns the tag that follows it.
+    fn seal(&mut self, in_out: &mut [u8]) -> Result<[u8; NOISE_TAG_LEN], SessionError> {
+        if self.n == u64::MAX {
+            return Err(SessionError::Exhausted);
+        }
+        let tag =
+            self.key.seal_in_place_separate_tag(Self::nonce(self.n), aead::Aad::empty(), in_out).map_err(|_| SessionError::TooLarge)?;
+        self.advance();
+        Ok(tag.as_ref().try_into().expect("a 16-byte tag"))
+    }
+
+    /// Decrypts a transport message (ciphertext, then tag) where it lies; returns the
+    /// plaintext, a prefix of it.
+    fn open<'a>(&mut self, message: &'a mut [u8]) -> Result<&'a [u8], SessionError> {
+        if self.n == u64::MAX {
+            return Err(SessionError::Exhausted);
+        }
+        let plain = self.key.open_in_place(Self::nonce(self.n), aead::Aad::empty(), message).map_err(|_| SessionError::Decrypt)?;
+        self.advance();
+        Ok(plain)
+    }
+
+    /// Counts a message; every [`REKEY_INTERVAL`] messages, rekeys (both sides count
+    /// alike, so they rekey at the same message).
+    fn advance(&mut self) {
+        self.n += 1;
+        if self.n % REKEY_INTERVAL == 0 {
+            let mut next = [0u8; 32];
+            // REKEY(k): the first 32 bytes of ENCRYPT(k, 2^64 − 1, "", zeros); the tag
+            // is dropped.
+            let _tag =
+                self.key.seal_in_place_separate_tag(Self::nonce(u64::MAX), aead::Aad::empty(), &mut next).expect("32 bytes always seal");
+            self.key = Self::key(&next);
+            next.zeroize();
+        }
     }
 }
 
@@ -446,6 +542,90 @@ mod tests {
             assert_eq!(b.open(&m).unwrap(), PeerMessage::Ack { id: [(i % 251) as u8; 16] });
         }
         assert_eq!(a.counts().0, REKEY_INTERVAL + 3);
+    }
+
+    /// A Noise IK handshake run by snow alone, between fresh keys: both sides finished.
+    fn snow_handshake() -> (snow::HandshakeState, snow::HandshakeState) {
+        let builder = || snow::Builder::new(params());
+        let (dialer, callee) = (builder().generate_keypair().unwrap(), builder().generate_keypair().unwrap());
+        let mut i = builder()
+            .local_private_key(&dialer.private)
+            .and_then(|b| b.remote_public_key(&callee.public))
+            .and_then(|b| b.build_initiator())
+            .unwrap();
+        let mut r = builder().local_private_key(&callee.private).and_then(|b| b.build_responder()).unwrap();
+        let (mut msg, mut payload) = ([0u8; MAX_HANDSHAKE_MESSAGE], [0u8; MAX_HANDSHAKE_MESSAGE]);
+        let n = i.write_message(&[], &mut msg).unwrap();
+        r.read_message(&msg[..n], &mut payload).unwrap();
+        let n = r.write_message(&[], &mut msg).unwrap();
+        i.read_message(&msg[..n], &mut payload).unwrap();
+        (i, r)
+    }
+
+    #[test]
+    fn the_transport_speaks_noise_as_snow_does_across_rekeys() {
+        use crate::wire::{decode_message, encode_message};
+        for we_dial in [true, false] {
+            let (i, r) = snow_handshake();
+            let (ours, theirs) = if we_dial { (i, r) } else { (r, i) };
+            let mut ours = Transport::new(ours).unwrap();
+            let mut theirs = theirs.into_transport_mode().unwrap();
+            let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+            // Past two rekeys each way; now and then a message of the largest size.
+            for k in 0..(2 * REKEY_INTERVAL + 2) {
+                let msg = match k % 20_000 {
+                    0 => PeerMessage::Chat { id: [k as u8; 16], sent_at: k, body: "b".repeat(MAX_BODY) },
+                    _ => PeerMessage::Ack { id: u128::from(k).to_le_bytes() },
+                };
+                let n = theirs.read_message(&ours.seal(&msg).unwrap(), &mut buf).unwrap();
+                assert_eq!(decode_message::<PeerMessage>(&buf[..n]).unwrap(), msg, "ours → snow, message {k}");
+                let n = theirs.write_message(&encode_message(&msg), &mut buf).unwrap();
+                assert_eq!(ours.open(&buf[..n]).unwrap(), msg, "snow → ours, message {k}");
+                if (k + 1) % REKEY_INTERVAL == 0 {
+                    theirs.rekey_incoming();
+                    theirs.rekey_outgoing();
+                }
+            }
+            assert_eq!(ours.counts(), (2 * REKEY_INTERVAL + 2, 2 * REKEY_INTERVAL + 2));
+        }
+    }
+
+    #[test]
+    fn a_message_that_fails_to_open_uses_no_nonce() {
+        let (mut a, mut b) = pair(1);
+        let sealed = a.seal(&chat("one")).unwrap();
+        let mut forged = sealed.clone();
+        *forged.last_mut().unwrap() ^= 1;
+        assert_eq!(b.open(&forged).unwrap_err(), SessionError::Decrypt);
+        assert_eq!(b.counts().1, 0);
+        assert_eq!(b.open(&sealed).unwrap(), chat("one"), "the genuine message still opens with the same nonce");
+    }
+
+    #[test]
+    fn the_last_nonce_is_never_used() {
+        let (mut a, mut b) = pair(1);
+        // Both sides skip ahead alike (no rekey lies between here and the end).
+        a.send.n = u64::MAX - 1;
+        b.recv.n = u64::MAX - 1;
+        let sealed = a.seal(&chat("last")).unwrap();
+        assert_eq!(b.open(&sealed).unwrap(), chat("last"));
+        let mut out = b"kept".to_vec();
+        assert_eq!(a.seal_frame(&crate::wire::encode_message(&chat("over")), &mut out).unwrap_err(), SessionError::Exhausted);
+        assert_eq!(out, b"kept", "nothing is written with the reserved nonce");
+        assert_eq!(b.open(&sealed).unwrap_err(), SessionError::Exhausted);
+    }
+
+    #[test]
+    fn a_frame_someone_else_holds_is_not_decrypted_where_it_lies() {
+        let (mut a, mut b) = pair(1);
+        let mut scratch = Vec::new();
+        let held = bytes::Bytes::from(a.seal(&chat("shared")).unwrap());
+        let kept = held.clone();
+        assert_eq!(b.open_frame(held, &mut scratch).unwrap(), chat("shared"));
+        assert!(!kept.windows(6).any(|w| w == b"shared"), "the other holder still sees ciphertext");
+        let own = bytes::Bytes::from(a.seal(&chat("own")).unwrap());
+        assert_eq!(b.open_frame(own, &mut scratch).unwrap(), chat("own"));
+        assert_eq!(b.counts().1, 2);
     }
 
     #[test]

@@ -88,7 +88,7 @@ async fn run_session(
                 let (mut failed, before, expected) = (None, owed.len(), waiting.len());
                 let (mut chats, mut delivered) = (Vec::new(), Vec::new());
                 for frame in batch {
-                    let message = match transport.open_with(&frame, &mut plain) {
+                    let message = match transport.open_frame(frame, &mut plain) {
                         Ok(m) => m,
                         Err(e) => { failed = Some(e.to_string()); break }
                     };
