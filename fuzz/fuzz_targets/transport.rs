@@ -15,6 +15,11 @@
 //! 6. Bob seals a message (`seal`) and the harness opens it: the same message;
 //! 7. a sealed message cut short: `Decrypt`.
 //!
+//! Each frame Bob opens is handed over one of three ways, chosen by a byte of input:
+//! as a slice (`open`, which copies it), or as `Bytes` to `open_frame`, either alone
+//! (decrypted where it lies) or with another holder (copied first; the holder's bytes
+//! must come out untouched).
+//!
 //! Any error ends the session, as it does in the node. The message counters follow.
 
 #![no_main]
@@ -51,8 +56,21 @@ fn message(input: &mut Input) -> PeerMessage {
     }
 }
 
-fn open(bob: &mut Transport, frame: &[u8]) -> Result<PeerMessage, SessionError> {
-    let (result, heap) = peak_heap(|| bob.open(frame));
+fn open(bob: &mut Transport, frame: &[u8], how: u8) -> Result<PeerMessage, SessionError> {
+    let bytes = bytes::Bytes::copy_from_slice(frame);
+    let other = bytes.clone();
+    let (result, heap) = match how % 3 {
+        0 => peak_heap(|| bob.open(frame)),
+        1 => {
+            drop(other);
+            peak_heap(|| bob.open_frame(bytes, &mut Vec::new()))
+        }
+        _ => {
+            let result = peak_heap(|| bob.open_frame(bytes, &mut Vec::new()));
+            assert_eq!(&other[..], frame, "a frame someone else holds is left as it was");
+            result
+        }
+    };
     assert!(heap <= frame.len() + decode_heap_bound(frame.len()), "open held {heap} bytes for {} bytes", frame.len());
     if let Ok(PeerMessage::Chat { body, .. }) = &result {
         assert!(body.len() <= MAX_PLAINTEXT);
@@ -71,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
                 let plain = input.chunk();
                 let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
                 let sealed = seal_raw(&mut alice, plain);
-                match (open(&mut bob, &sealed), decode_message::<PeerMessage>(plain)) {
+                match (open(&mut bob, &sealed, input.u8()), decode_message::<PeerMessage>(plain)) {
                     (Ok(got), Ok(model)) => assert_eq!(got, model),
                     (Err(SessionError::Malformed), Err(_)) => return,
                     (got, model) => panic!("open gave {got:?}, decode_message {model:?}"),
@@ -86,33 +104,33 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 }
                 let sealed = seal_raw(&mut alice, &plain);
-                assert_eq!(open(&mut bob, &sealed), Ok(msg));
+                assert_eq!(open(&mut bob, &sealed, input.u8()), Ok(msg));
                 received += 1;
                 last = Some(sealed);
             }
             2 => {
                 let frame = input.chunk();
                 let expected = if frame.len() > MAX_NOISE_MESSAGE { SessionError::TooLarge } else { SessionError::Decrypt };
-                assert_eq!(open(&mut bob, frame), Err(expected));
+                assert_eq!(open(&mut bob, frame, input.u8()), Err(expected));
                 return;
             }
             3 => {
                 let mut sealed = seal_raw(&mut alice, &encode_message(&message(&mut input)));
                 let at = input.u16() as usize % sealed.len();
                 sealed[at] ^= 1 << (input.u8() % 8);
-                assert_eq!(open(&mut bob, &sealed), Err(SessionError::Decrypt));
+                assert_eq!(open(&mut bob, &sealed, input.u8()), Err(SessionError::Decrypt));
                 return;
             }
             4 => {
                 if let Some(again) = &last {
-                    assert_eq!(open(&mut bob, again), Err(SessionError::Decrypt));
+                    assert_eq!(open(&mut bob, again, input.u8()), Err(SessionError::Decrypt));
                     return;
                 }
             }
             5 => {
                 let _lost = seal_raw(&mut alice, &encode_message(&PeerMessage::Ack { id: [1; 16] }));
                 let next = seal_raw(&mut alice, &encode_message(&message(&mut input)));
-                assert_eq!(open(&mut bob, &next), Err(SessionError::Decrypt));
+                assert_eq!(open(&mut bob, &next, input.u8()), Err(SessionError::Decrypt));
                 return;
             }
             6 => {
@@ -132,7 +150,7 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 let sealed = seal_raw(&mut alice, &encode_message(&message(&mut input)));
                 let cut = input.u16() as usize % sealed.len();
-                assert_eq!(open(&mut bob, &sealed[..cut]), Err(SessionError::Decrypt));
+                assert_eq!(open(&mut bob, &sealed[..cut], input.u8()), Err(SessionError::Decrypt));
                 return;
             }
         }

@@ -258,16 +258,18 @@ impl Answer {
 }
 
 /// An established session: one Noise CipherState (§5.1) for each direction, with
-/// ChaChaPoly (§12.5), sealing and opening in place.
+/// ChaChaPoly (§12.3), sealing and opening in place.
 ///
 /// snow carries the handshake; its `TransportState` takes separate input and output
 /// buffers, so each message would be copied into a zeroed buffer before it is sealed and
 /// copied out again before it is opened. These cipher states start from the keys of
 /// the handshake's Split() and follow the spec's rules: the nonce is 32 zero bits then
 /// the 64-bit counter `n`, little-endian; `n` advances only on success and never reaches
-/// 2^64 − 1, which is reserved; a rekey replaces the key with the first 32 bytes of
-/// ENCRYPT(k, 2^64 − 1, "", 32 zero bytes) and leaves `n` as it is. A test holds them
-/// to snow's own transport across rekeys in both directions.
+/// 2^64 − 1, which is reserved; a rekey (§4.2, every [`REKEY_INTERVAL`] messages as
+/// §11.3 suggests) replaces the key with the first 32 bytes of ENCRYPT(k, 2^64 − 1, "",
+/// 32 zero bytes) and leaves `n` as it is. Tests hold them to snow's own transport
+/// across rekeys in both directions, from a fresh session and from counters near the
+/// end of their range.
 pub struct Transport {
     send: CipherState,
     recv: CipherState,
@@ -308,6 +310,7 @@ impl Transport {
         if plain.len() > MAX_PLAINTEXT {
             return Err(SessionError::TooLarge);
         }
+        self.send.usable()?;
         let start = out.len();
         let len = plain.len() + NOISE_TAG_LEN;
         out.reserve(HEADER_LEN + len);
@@ -320,6 +323,9 @@ impl Transport {
                 Ok(())
             }
             Err(e) => {
+                // Nothing fails once the checks above pass; should it, no plaintext
+                // stays behind in the buffer's spare room.
+                out[start..].zeroize();
                 out.truncate(start);
                 Err(e)
             }
@@ -343,8 +349,9 @@ impl Transport {
     }
 
     /// [`open`](Self::open) for a frame as it came off the stream: decrypted where it
-    /// lies when nothing else holds it (a frame gathered from several pieces), else in
-    /// `scratch`.
+    /// lies when nothing else holds its buffer (a frame gathered from several pieces,
+    /// or the last one left of a piece that held several), else copied into `scratch`
+    /// first.
     pub fn open_frame(&mut self, frame: bytes::Bytes, scratch: &mut Vec<u8>) -> Result<PeerMessage, SessionError> {
         match frame.try_into_mut() {
             Ok(mut own) if own.len() <= MAX_NOISE_MESSAGE => self.open_in_place(&mut own),
@@ -386,11 +393,17 @@ impl CipherState {
         aead::Nonce::assume_unique_for_key(nonce)
     }
 
-    /// Encrypts `in_out` where it lies; returns the tag that follows it.
-    fn seal(&mut self, in_out: &mut [u8]) -> Result<[u8; NOISE_TAG_LEN], SessionError> {
+    /// Refuses once the counter has reached 2^64 − 1, a nonce no message may use.
+    fn usable(&self) -> Result<(), SessionError> {
         if self.n == u64::MAX {
             return Err(SessionError::Exhausted);
         }
+        Ok(())
+    }
+
+    /// Encrypts `in_out` where it lies; returns the tag that follows it.
+    fn seal(&mut self, in_out: &mut [u8]) -> Result<[u8; NOISE_TAG_LEN], SessionError> {
+        self.usable()?;
         let tag =
             self.key.seal_in_place_separate_tag(Self::nonce(self.n), aead::Aad::empty(), in_out).map_err(|_| SessionError::TooLarge)?;
         self.advance();
@@ -400,9 +413,7 @@ impl CipherState {
     /// Decrypts a transport message (ciphertext, then tag) where it lies; returns the
     /// plaintext, a prefix of it.
     fn open<'a>(&mut self, message: &'a mut [u8]) -> Result<&'a [u8], SessionError> {
-        if self.n == u64::MAX {
-            return Err(SessionError::Exhausted);
-        }
+        self.usable()?;
         let plain = self.key.open_in_place(Self::nonce(self.n), aead::Aad::empty(), message).map_err(|_| SessionError::Decrypt)?;
         self.advance();
         Ok(plain)
@@ -562,57 +573,123 @@ mod tests {
         (i, r)
     }
 
-    #[test]
-    fn the_transport_speaks_noise_as_snow_does_across_rekeys() {
-        use crate::wire::{decode_message, encode_message};
-        for we_dial in [true, false] {
+    /// Our transport on one end of a session, snow's on the other, each side's
+    /// counters kept by the harness and handed to snow explicitly.
+    struct AgainstSnow {
+        ours: Transport,
+        theirs: snow::StatelessTransportState,
+        to_them: u64,
+        to_us: u64,
+        buf: Vec<u8>,
+    }
+
+    impl AgainstSnow {
+        fn new(we_dial: bool) -> Self {
             let (i, r) = snow_handshake();
             let (ours, theirs) = if we_dial { (i, r) } else { (r, i) };
-            let mut ours = Transport::new(ours).unwrap();
-            let mut theirs = theirs.into_transport_mode().unwrap();
-            let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-            // Past two rekeys each way; now and then a message of the largest size.
-            for k in 0..(2 * REKEY_INTERVAL + 2) {
-                let msg = match k % 20_000 {
-                    0 => PeerMessage::Chat { id: [k as u8; 16], sent_at: k, body: "b".repeat(MAX_BODY) },
-                    _ => PeerMessage::Ack { id: u128::from(k).to_le_bytes() },
-                };
-                let n = theirs.read_message(&ours.seal(&msg).unwrap(), &mut buf).unwrap();
-                assert_eq!(decode_message::<PeerMessage>(&buf[..n]).unwrap(), msg, "ours → snow, message {k}");
-                let n = theirs.write_message(&encode_message(&msg), &mut buf).unwrap();
-                assert_eq!(ours.open(&buf[..n]).unwrap(), msg, "snow → ours, message {k}");
-                if (k + 1) % REKEY_INTERVAL == 0 {
-                    theirs.rekey_incoming();
-                    theirs.rekey_outgoing();
-                }
-            }
-            assert_eq!(ours.counts(), (2 * REKEY_INTERVAL + 2, 2 * REKEY_INTERVAL + 2));
+            let (ours, theirs) = (Transport::new(ours).unwrap(), theirs.into_stateless_transport_mode().unwrap());
+            Self { ours, theirs, to_them: 0, to_us: 0, buf: vec![0u8; MAX_NOISE_MESSAGE] }
         }
+
+        /// Both directions' counters jump to `n` on both sides (no rekey in between).
+        fn skip_to(&mut self, n: u64) {
+            (self.ours.send.n, self.ours.recv.n, self.to_them, self.to_us) = (n, n, n, n);
+        }
+
+        /// We seal `plain`; snow opens it with the nonce the spec gives it.
+        fn we_send(&mut self, plain: &[u8]) {
+            let mut frame = Vec::new();
+            self.ours.seal_frame(plain, &mut frame).unwrap();
+            assert_eq!(frame[..HEADER_LEN], ((plain.len() + NOISE_TAG_LEN) as u32).to_be_bytes());
+            let n = self.theirs.read_message(self.to_them, &frame[HEADER_LEN..], &mut self.buf);
+            assert_eq!(n.map(|n| &self.buf[..n]).ok(), Some(plain), "ours → snow, n = {}", self.to_them);
+            self.to_them += 1;
+            if self.to_them % REKEY_INTERVAL == 0 {
+                self.theirs.rekey_incoming();
+            }
+        }
+
+        /// snow seals `plain` with the nonce the spec gives it; we open it.
+        fn they_send(&mut self, plain: &[u8]) {
+            let n = self.theirs.write_message(self.to_us, plain, &mut self.buf).unwrap();
+            assert_eq!(self.ours.recv.open(&mut self.buf[..n]).ok(), Some(plain), "snow → ours, n = {}", self.to_us);
+            self.to_us += 1;
+            if self.to_us % REKEY_INTERVAL == 0 {
+                self.theirs.rekey_outgoing();
+            }
+        }
+    }
+
+    #[test]
+    fn the_transport_speaks_noise_as_snow_does_across_rekeys() {
+        let largest = vec![0xa5u8; MAX_PLAINTEXT];
+        for we_dial in [true, false] {
+            let mut s = AgainstSnow::new(we_dial);
+            // Uneven bursts each way, past two rekeys in each direction; now and then an
+            // empty message and one of the largest size.
+            let mut k = 0u64;
+            while s.to_them < 2 * REKEY_INTERVAL + 3 || s.to_us < 2 * REKEY_INTERVAL + 3 {
+                let size = |j: u64| match j % 25_000 {
+                    0 => MAX_PLAINTEXT,
+                    1 => 0,
+                    j => (j % 40) as usize,
+                };
+                for j in 0..1 + k % 3 {
+                    s.we_send(&largest[..size(k + j)]);
+                }
+                for j in 0..1 + (k / 5) % 2 {
+                    s.they_send(&largest[..size(k + j + 1)]);
+                }
+                k += 1;
+            }
+            assert_eq!(s.ours.counts(), (s.to_them, s.to_us));
+        }
+    }
+
+    #[test]
+    fn nonces_near_the_end_of_the_counter_match_snow_and_the_last_is_never_used() {
+        let mut s = AgainstSnow::new(true);
+        // Every byte of the counter differs, and a rekey falls in the middle.
+        s.skip_to(0x0102_0304_0506_0000 - 3);
+        for _ in 0..6 {
+            s.we_send(b"high");
+            s.they_send(b"high");
+        }
+        s.skip_to(u64::MAX - 2);
+        for _ in 0..2 {
+            s.we_send(b"last");
+            s.they_send(b"last");
+        }
+        let mut out = b"kept".to_vec();
+        assert_eq!(s.ours.seal_frame(b"over", &mut out).unwrap_err(), SessionError::Exhausted);
+        assert_eq!(out, b"kept", "nothing is written with the reserved nonce");
+        let mut sealed = [0u8; 32];
+        sealed[..4].copy_from_slice(b"over");
+        assert_eq!(s.ours.recv.open(&mut sealed).unwrap_err(), SessionError::Exhausted);
+        assert_eq!(s.ours.counts(), (u64::MAX, u64::MAX));
     }
 
     #[test]
     fn a_message_that_fails_to_open_uses_no_nonce() {
         let (mut a, mut b) = pair(1);
-        let sealed = a.seal(&chat("one")).unwrap();
-        let mut forged = sealed.clone();
-        *forged.last_mut().unwrap() ^= 1;
-        assert_eq!(b.open(&forged).unwrap_err(), SessionError::Decrypt);
-        assert_eq!(b.counts().1, 0);
-        assert_eq!(b.open(&sealed).unwrap(), chat("one"), "the genuine message still opens with the same nonce");
-    }
-
-    #[test]
-    fn the_last_nonce_is_never_used() {
-        let (mut a, mut b) = pair(1);
-        // Both sides skip ahead alike (no rekey lies between here and the end).
-        a.send.n = u64::MAX - 1;
-        b.recv.n = u64::MAX - 1;
-        let sealed = a.seal(&chat("last")).unwrap();
-        assert_eq!(b.open(&sealed).unwrap(), chat("last"));
-        let mut out = b"kept".to_vec();
-        assert_eq!(a.seal_frame(&crate::wire::encode_message(&chat("over")), &mut out).unwrap_err(), SessionError::Exhausted);
-        assert_eq!(out, b"kept", "nothing is written with the reserved nonce");
-        assert_eq!(b.open(&sealed).unwrap_err(), SessionError::Exhausted);
+        let mut scratch = Vec::new();
+        for in_place in [false, true] {
+            let sealed = a.seal(&chat("one")).unwrap();
+            let mut forged = sealed.clone();
+            *forged.last_mut().unwrap() ^= 1;
+            let before = b.counts().1;
+            let failed = match in_place {
+                false => b.open(&forged),
+                true => b.open_frame(bytes::Bytes::from(forged), &mut scratch),
+            };
+            assert_eq!(failed.unwrap_err(), SessionError::Decrypt);
+            assert_eq!(b.counts().1, before);
+            let genuine = match in_place {
+                false => b.open(&sealed),
+                true => b.open_frame(bytes::Bytes::from(sealed), &mut scratch),
+            };
+            assert_eq!(genuine.unwrap(), chat("one"), "the genuine message still opens with the same nonce");
+        }
     }
 
     #[test]
@@ -625,7 +702,26 @@ mod tests {
         assert!(!kept.windows(6).any(|w| w == b"shared"), "the other holder still sees ciphertext");
         let own = bytes::Bytes::from(a.seal(&chat("own")).unwrap());
         assert_eq!(b.open_frame(own, &mut scratch).unwrap(), chat("own"));
-        assert_eq!(b.counts().1, 2);
+        // Two frames cut from one piece of the stream: the first is shared with the
+        // second, the second is alone once the first is done.
+        let (one, two) = (a.seal(&chat("first")).unwrap(), a.seal(&chat("second")).unwrap());
+        let piece = bytes::Bytes::from([one.as_slice(), two.as_slice()].concat());
+        let (first, second) = (piece.slice(..one.len()), piece.slice(one.len()..));
+        drop(piece);
+        assert_eq!(b.open_frame(first, &mut scratch).unwrap(), chat("first"));
+        assert_eq!(b.open_frame(second, &mut scratch).unwrap(), chat("second"));
+        assert_eq!(b.counts().1, 4);
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_unopened_however_it_is_held() {
+        let (_, mut b) = pair(1);
+        let mut scratch = Vec::new();
+        let big = bytes::Bytes::from(vec![0u8; MAX_NOISE_MESSAGE + 1]);
+        let held = big.clone();
+        assert_eq!(b.open_frame(big, &mut scratch).unwrap_err(), SessionError::TooLarge);
+        assert_eq!(b.open_frame(held, &mut scratch).unwrap_err(), SessionError::TooLarge);
+        assert_eq!(b.counts().1, 0);
     }
 
     #[test]
