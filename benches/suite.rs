@@ -386,7 +386,9 @@ async fn bulk_raw(bytes: usize) -> (Duration, Duration) {
 /// Figure 4: the first message to a peer never dialled before (lookup, QUIC, Noise IK,
 /// ack): each round dials a stranger, an account that is online and has never been in
 /// touch with alice, so the answering side looks alice up too; baseline: a raw QUIC
-/// connect, a raw snow IK handshake and one lookup round trip. Beside it, the same
+/// connect, a raw snow IK handshake and one lookup round trip. sotto's TLS settings
+/// resume no session, so every raw connect is a full handshake, as a first contact's
+/// is. Beside it, the same
 /// message to bob, a known contact with no open session (both sides have the other
 /// pinned, so only alice looks up), against the same baseline.
 async fn first_message(w: &PeerWorld, scale: Scale) {

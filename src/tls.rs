@@ -155,16 +155,28 @@ pub fn request_transport(max_bidi: u32, request: u32) -> Arc<quinn::TransportCon
 /// Server configuration for `alpn`, serving `cert`, with at most `max_bidi`
 /// concurrent streams per connection.
 pub fn server_config(cert: &CertKey, alpn: &[u8], max_bidi: u32) -> Result<quinn::ServerConfig, rustls::Error> {
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(server_tls(cert, alpn)?).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport(true, max_bidi));
+    Ok(config)
+}
+
+/// TLS 1.3 only, no early data, and no session resumption: no tickets are issued and
+/// no session is kept (no client of ours would present one: each connection gets a
+/// client configuration of its own, so every handshake is a full one, with the
+/// certificate checked against its pin). A ticket would cost a handshake the work of
+/// making and sending it, and keep a resumption secret in memory for nothing.
+fn server_tls(cert: &CertKey, alpn: &[u8]) -> Result<rustls::ServerConfig, rustls::Error> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![cert.cert.clone()], cert.key())?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| rustls::Error::General(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport(true, max_bidi));
-    Ok(config)
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(tls)
 }
 
 /// Set when a server presented a certificate other than the pinned one.
@@ -172,6 +184,17 @@ pub type PinMismatch = Arc<AtomicBool>;
 
 /// Client configuration that accepts only the certificate whose SHA-256 is `pin`.
 pub fn client_config(pin: [u8; 32], alpn: &[u8]) -> Result<(quinn::ClientConfig, PinMismatch), rustls::Error> {
+    let (tls, mismatch) = client_tls(pin, alpn)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport(false, 16));
+    Ok((config, mismatch))
+}
+
+/// TLS 1.3 only, the pinned certificate only, and no session resumption: every
+/// handshake shows the certificate and checks it against the pin (a resumed one would
+/// skip it), and no ticket is kept.
+fn client_tls(pin: [u8; 32], alpn: &[u8]) -> Result<(rustls::ClientConfig, PinMismatch), rustls::Error> {
     let provider = provider();
     let mismatch = PinMismatch::default();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -180,10 +203,8 @@ pub fn client_config(pin: [u8; 32], alpn: &[u8]) -> Result<(quinn::ClientConfig,
         .with_custom_certificate_verifier(Arc::new(PinnedCert { pin, provider, mismatch: mismatch.clone() }))
         .with_no_client_auth();
     tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| rustls::Error::General(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport(false, 16));
-    Ok((config, mismatch))
+    tls.resumption = rustls::client::Resumption::disabled();
+    Ok((tls, mismatch))
 }
 
 /// Accepts exactly one certificate, identified by its SHA-256.
@@ -261,5 +282,87 @@ mod tests {
         assert_eq!(CertKey::load_or_create(dir.path(), "t").unwrap_err().kind(), io::ErrorKind::PermissionDenied);
         fs::remove_file(dir.path().join("cert.der")).unwrap();
         assert_eq!(CertKey::load_or_create(dir.path(), "t").unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// Runs a TLS handshake in memory, and everything either side sends after it (a
+    /// session ticket comes then), until both have nothing left to send.
+    fn converse(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
+        let mut wire = Vec::new();
+        loop {
+            wire.clear();
+            client.write_tls(&mut wire).unwrap();
+            let to_server = wire.len();
+            let mut from_client = &wire[..];
+            while !from_client.is_empty() {
+                server.read_tls(&mut from_client).unwrap();
+                server.process_new_packets().unwrap();
+            }
+            wire.clear();
+            server.write_tls(&mut wire).unwrap();
+            let mut from_server = &wire[..];
+            while !from_server.is_empty() {
+                client.read_tls(&mut from_server).unwrap();
+                client.process_new_packets().unwrap();
+            }
+            if to_server == 0 && wire.is_empty() && !client.is_handshaking() && !server.is_handshaking() {
+                return;
+            }
+        }
+    }
+
+    /// The kind of each of `n` handshakes between one client and one server configuration.
+    fn handshakes(client: rustls::ClientConfig, server: rustls::ServerConfig, n: usize) -> Vec<rustls::HandshakeKind> {
+        let (client, server) = (Arc::new(client), Arc::new(server));
+        (0..n)
+            .map(|_| {
+                let mut c = rustls::ClientConnection::new(client.clone(), ServerName::try_from("sotto-peer").unwrap()).unwrap();
+                let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+                converse(&mut c, &mut s);
+                assert_eq!(c.handshake_kind(), s.handshake_kind());
+                c.handshake_kind().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_connection_is_a_full_handshake_against_the_pin() {
+        use rustls::HandshakeKind::Full;
+        let cert = CertKey::generate("t").unwrap();
+        // One client configuration for several connections, the most a ticket could need.
+        let (client, mismatch) = client_tls(cert.sha256(), b"t").unwrap();
+        assert_eq!(handshakes(client, server_tls(&cert, b"t").unwrap(), 3), [Full; 3]);
+        assert!(!mismatch.load(Ordering::SeqCst));
+        // Each side on its own: our server issues no ticket to a client that would keep
+        // one, and our client keeps none from a server that issues them.
+        let mut keeping = client_tls(cert.sha256(), b"t").unwrap().0;
+        keeping.resumption = rustls::client::Resumption::in_memory_sessions(8);
+        assert_eq!(handshakes(keeping, server_tls(&cert, b"t").unwrap(), 3), [Full; 3]);
+        let mut issuing = server_tls(&cert, b"t").unwrap();
+        issuing.send_tls13_tickets = 2;
+        issuing.session_storage = rustls::server::ServerSessionMemoryCache::new(8);
+        assert_eq!(handshakes(client_tls(cert.sha256(), b"t").unwrap().0, issuing, 3), [Full; 3]);
+        // Both at once resume, which shows the check above can see a resumption.
+        let mut keeping = client_tls(cert.sha256(), b"t").unwrap().0;
+        keeping.resumption = rustls::client::Resumption::in_memory_sessions(8);
+        let mut issuing = server_tls(&cert, b"t").unwrap();
+        issuing.send_tls13_tickets = 2;
+        issuing.session_storage = rustls::server::ServerSessionMemoryCache::new(8);
+        assert_eq!(handshakes(keeping, issuing, 2)[1], rustls::HandshakeKind::Resumed);
+        // The pin is what decides: another certificate is refused on every connection.
+        let (other, mismatch) = client_tls([0; 32], b"t").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(other), ServerName::try_from("sotto-peer").unwrap()).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server_tls(&cert, b"t").unwrap())).unwrap();
+        let mut wire = Vec::new();
+        c.write_tls(&mut wire).unwrap();
+        s.read_tls(&mut &wire[..]).unwrap();
+        s.process_new_packets().unwrap();
+        wire.clear();
+        s.write_tls(&mut wire).unwrap();
+        let (mut from_server, mut refused) = (&wire[..], false);
+        while !from_server.is_empty() && !refused {
+            c.read_tls(&mut from_server).unwrap();
+            refused = c.process_new_packets().is_err();
+        }
+        assert!(refused && mismatch.load(Ordering::SeqCst));
     }
 }
