@@ -1,6 +1,6 @@
-//! Faults: a receiver killed with SIGKILL while messages arrive, a rendezvous node
-//! killed and restarted under online peers, and packet loss and duplication between
-//! two peers in network namespaces.
+//! Faults: a receiver killed with SIGKILL while messages arrive, a sender killed while
+//! it dials, a rendezvous node killed and restarted under online peers, and packet loss
+//! and duplication between two peers in network namespaces.
 
 mod common;
 
@@ -197,6 +197,36 @@ fn a_receiver_killed_mid_stream_keeps_every_acked_message_once() {
         assert!(bodies.contains(s.body.as_str()), "{:?} never reached bob", s.body);
     }
     assert!(bodies.contains("after the crash"));
+}
+
+#[test]
+fn a_message_is_kept_when_its_sender_is_killed_while_dialling() {
+    let root = tempfile::tempdir().unwrap();
+    let (_node, alice, bob) = node_and_users(root.path());
+    let mut alice_up = alice.up();
+    let mut bob_up = bob.up();
+    // Killed, bob leaves his record at the node with an address nothing answers at any
+    // more: a dial there waits for its timeout (5 s), and the send with it.
+    signal(&bob_up.0, "KILL");
+    assert!(killed_by(wait_exit(&mut bob_up.0, Duration::from_secs(10)), 9));
+    let lookup: Value = serde_json::from_str(&alice.ok(&["lookup", "bob", "--json"])).unwrap();
+    assert_eq!(lookup["online"], true, "bob's record is still up: {lookup}");
+
+    let body = "written while bob could not be reached";
+    let sending = alice.cmd(&["send", "bob", body]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let _sending = Running(sending);
+    // No session with bob: the message is in history, pending, while bob is dialled.
+    let seen = eventually(Duration::from_secs(4), || history_of(&alice, "bob").iter().any(|m| m.body == body));
+    let during = history_of(&alice, "bob");
+    assert!(seen, "the message is not in history while it is dialled: {during:?}");
+    assert_eq!(during.iter().map(|m| (m.body.as_str(), m.state.as_str())).collect::<Vec<_>>(), [(body, "pending")]);
+    // Its flush started with the dial; give it far longer than it takes, well inside
+    // the dial's timeout, then kill the sender's node mid-dial.
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&alice_up.0, "KILL");
+    assert!(killed_by(wait_exit(&mut alice_up.0, Duration::from_secs(10)), 9));
+    let after = history_of(&alice, "bob");
+    assert_eq!(after.iter().map(|m| (m.body.as_str(), m.state.as_str())).collect::<Vec<_>>(), [(body, "pending")], "{after:?}");
 }
 
 #[test]

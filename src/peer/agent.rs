@@ -160,9 +160,10 @@ enum Slot {
     Abandoned,
 }
 
-/// Stores, pending, a message a session has taken but not stored yet ([`Slot::Sending`]),
-/// for someone who needs its record now: its sender giving up, or another session
-/// taking it over. Called under [`Inner::outbox`].
+/// Stores, pending, a message no session has stored yet ([`Slot::Unstored`], or
+/// [`Slot::Sending`]: taken but not stored), for someone who needs its record now: its
+/// sender about to dial or giving up, or another session taking it over. Called under
+/// [`Inner::outbox`].
 fn store_for_session(inner: &Inner, slot: &mut Slot, msg: &StoredMessage) -> Result<(MessageRef, u64), StoreError> {
     let at = inner.store.store_sent(std::slice::from_ref(msg))?.pop().flatten().expect("store_sent places an outgoing message");
     let point = inner.store.written();
@@ -363,9 +364,9 @@ impl Agent {
         };
         // The session that takes the message stores it, pending, with everything else
         // it sends in that write, as soon as the write is with its stream (or whoever
-        // needs its record first does, below or in a later session); it marks it
-        // delivered when the ack arrives, just after it wakes us (an ack that comes
-        // after we gave up still marks it).
+        // needs its record first does: `deliver` when it must dial, below, or a later
+        // session); it marks it delivered when the ack arrives, just after it wakes us
+        // (an ack that comes after we gave up still marks it).
         let slot = Arc::new(Mutex::new(Slot::Unstored));
         let cancelled = KeepIfCancelled { inner: &self.inner, slot: &slot, msg: &msg, armed: true };
         let outcome = self.deliver(&msg, &slot).await;
@@ -428,6 +429,16 @@ impl Agent {
             }
             debug!(peer = %msg.peer, "session failed; dialing again");
             failed = Some(session.id);
+        }
+        // No session to put it on: it is stored now, pending, so that its flush runs
+        // while the peer is looked up and dialled (rather than after it has gone out,
+        // beside the recipient's), and a crash meanwhile leaves it in history.
+        {
+            let _outbox = lock(&self.inner.outbox);
+            let mut slot = lock(slot);
+            if matches!(*slot, Slot::Unstored | Slot::Sending) {
+                store_for_session(&self.inner, &mut slot, msg)?;
+            }
         }
         let unreachable = |reason| SendError::Unreachable { user: msg.peer.clone(), reason };
         let gate = lock(&self.inner.dialing).entry(msg.peer.clone()).or_default().clone();
