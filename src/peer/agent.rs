@@ -155,20 +155,42 @@ enum Slot {
     Sending,
     /// Stored there, by the write that commit point covers.
     Stored { at: MessageRef, point: u64 },
+    /// Stored there by its sender before it dialled, and not taken by any session yet:
+    /// a session that takes it keeps to that record (it becomes [`Slot::Stored`]). If
+    /// its sender gives up first, it is marked failed and abandoned, and does not go out
+    /// (a session may still hold it in its queue).
+    Kept { at: MessageRef, point: u64 },
     /// Its sender gave up before any session took it, and keeps it as failed itself:
     /// it does not go out.
     Abandoned,
 }
 
-/// Stores, pending, a message no session has stored yet ([`Slot::Unstored`], or
-/// [`Slot::Sending`]: taken but not stored), for someone who needs its record now: its
-/// sender about to dial or giving up, or another session taking it over. Called under
-/// [`Inner::outbox`].
+/// Stores, pending, a message a session has taken but not stored yet ([`Slot::Sending`]),
+/// for someone who needs its record now: its sender giving up, or another session
+/// taking it over. Called under [`Inner::outbox`].
 fn store_for_session(inner: &Inner, slot: &mut Slot, msg: &StoredMessage) -> Result<(MessageRef, u64), StoreError> {
     let at = inner.store.store_sent(std::slice::from_ref(msg))?.pop().flatten().expect("store_sent places an outgoing message");
     let point = inner.store.written();
     *slot = Slot::Stored { at: at.clone(), point };
     Ok((at, point))
+}
+
+/// No session to put `msg` on: it is stored now, pending, so that its flush runs while
+/// the peer is looked up and dialled (rather than after it has gone out, beside the
+/// recipient's), and a crash meanwhile leaves it in history.
+fn keep_before_dial(inner: &Inner, slot: &Mutex<Slot>, msg: &StoredMessage) -> Result<(), StoreError> {
+    let _outbox = lock(&inner.outbox);
+    let mut slot = lock(slot);
+    match &*slot {
+        Slot::Unstored => {
+            let at = inner.store.store_sent(std::slice::from_ref(msg))?.pop().flatten();
+            let at = at.ok_or(StoreError::Corrupt("store_sent placed no outgoing message"))?;
+            *slot = Slot::Kept { at, point: inner.store.written() };
+        }
+        Slot::Sending => _ = store_for_session(inner, &mut slot, msg)?,
+        Slot::Stored { .. } | Slot::Kept { .. } | Slot::Abandoned => {}
+    }
+    Ok(())
 }
 
 /// Keeps a message in history as failed when its `send` is dropped before it finished
@@ -200,6 +222,11 @@ impl Drop for KeepIfCancelled<'_> {
             let mut slot = lock(self.slot);
             match &*slot {
                 Slot::Stored { at, .. } => self.inner.store.fail_pending(at).map(drop),
+                Slot::Kept { at, .. } => {
+                    let at = at.clone();
+                    *slot = Slot::Abandoned;
+                    self.inner.store.fail_pending(&at).map(drop)
+                }
                 Slot::Sending => {
                     store_for_session(self.inner, &mut slot, self.msg).and_then(|(at, _)| self.inner.store.fail_pending(&at).map(drop))
                 }
@@ -376,6 +403,12 @@ impl Agent {
             let mut slot = lock(&slot);
             match &*slot {
                 Slot::Stored { at, point } => Some((at.clone(), *point)),
+                // No session took it: it does not go out now that we have given up.
+                Slot::Kept { at, point } => {
+                    let kept = Some((at.clone(), *point));
+                    *slot = Slot::Abandoned;
+                    kept
+                }
                 // Taken (maybe sent) by a session that has not stored it yet.
                 Slot::Sending => Some(store_for_session(&self.inner, &mut slot, &msg)?),
                 Slot::Unstored | Slot::Abandoned => {
@@ -430,16 +463,7 @@ impl Agent {
             debug!(peer = %msg.peer, "session failed; dialing again");
             failed = Some(session.id);
         }
-        // No session to put it on: it is stored now, pending, so that its flush runs
-        // while the peer is looked up and dialled (rather than after it has gone out,
-        // beside the recipient's), and a crash meanwhile leaves it in history.
-        {
-            let _outbox = lock(&self.inner.outbox);
-            let mut slot = lock(slot);
-            if matches!(*slot, Slot::Unstored | Slot::Sending) {
-                store_for_session(&self.inner, &mut slot, msg)?;
-            }
-        }
+        keep_before_dial(&self.inner, slot, msg)?;
         let unreachable = |reason| SendError::Unreachable { user: msg.peer.clone(), reason };
         let gate = lock(&self.inner.dialing).entry(msg.peer.clone()).or_default().clone();
         let waiting_since = std::time::Instant::now();

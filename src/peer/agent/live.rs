@@ -277,6 +277,11 @@ fn claim_outgoing(inner: &Inner, items: &[Outgoing]) -> Result<Vec<Claim>, Strin
                 }
                 Slot::Sending => Claim::Stored(store_for_session(inner, &mut slot, &o.msg).map_err(|e| e.to_string())?.0),
                 Slot::Stored { at, .. } => Claim::Stored(at.clone()),
+                Slot::Kept { at, point } => {
+                    let at = at.clone();
+                    *slot = Slot::Stored { at: at.clone(), point: *point };
+                    Claim::Stored(at)
+                }
                 Slot::Abandoned => Claim::Skip,
             })
         })
@@ -445,6 +450,34 @@ mod tests {
         assert!(matches!(&claims[1], Claim::Stored(at) if *at == given_up));
         assert!(matches!(&claims[2], Claim::Stored(_)));
         assert_eq!(history(&agent).len(), 3, "{:?}", history(&agent));
+        agent.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_kept_before_the_dial_goes_out_with_its_record_unless_its_sender_gave_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent(dir.path());
+        let inner = &agent.inner;
+        let items = vec![outgoing(5), outgoing(6)];
+        for o in &items {
+            crate::peer::agent::keep_before_dial(inner, &o.slot, &o.msg).unwrap();
+        }
+        assert_eq!(history(&agent), [("message 5".into(), State::Pending), ("message 6".into(), State::Pending)]);
+        let kept = match &*lock(&items[0].slot) {
+            Slot::Kept { at, .. } => at.clone(),
+            _ => panic!("not kept"),
+        };
+        // Message 6's sender gives up (its dial failed, or it was dropped) while the
+        // message still waits in a session's queue: it is failed, and stays here.
+        drop(KeepIfCancelled { inner, slot: &items[1].slot, msg: &items[1].msg, armed: true });
+        let claims = claim_outgoing(inner, &items).unwrap();
+        assert!(matches!(&claims[..], [Claim::Stored(at), Claim::Skip] if *at == kept));
+        assert!(matches!(&*lock(&items[0].slot), Slot::Stored { at, .. } if *at == kept));
+        assert!(matches!(&*lock(&items[1].slot), Slot::Abandoned));
+        let places = store_claimed(inner, &items, claims).unwrap();
+        assert_eq!(places, [Some(kept), None]);
+        inner.store.flush().unwrap();
+        assert_eq!(history(&agent), [("message 5".into(), State::Pending), ("message 6".into(), State::Failed)]);
         agent.shutdown().await;
     }
 
