@@ -165,9 +165,10 @@ enum Slot {
     Abandoned,
 }
 
-/// Stores, pending, a message a session has taken but not stored yet ([`Slot::Sending`]),
-/// for someone who needs its record now: its sender giving up, or another session
-/// taking it over. Called under [`Inner::outbox`].
+/// Stores, pending, a message no session has stored yet (most often [`Slot::Sending`]:
+/// taken but not stored), for someone who needs its record now: its sender giving up
+/// or about to dial, or another session taking it over. Called under
+/// [`Inner::outbox`].
 fn store_for_session(inner: &Inner, slot: &mut Slot, msg: &StoredMessage) -> Result<(MessageRef, u64), StoreError> {
     let at = inner.store.store_sent(std::slice::from_ref(msg))?.pop().flatten().expect("store_sent places an outgoing message");
     let point = inner.store.written();
@@ -183,9 +184,8 @@ fn keep_before_dial(inner: &Inner, slot: &Mutex<Slot>, msg: &StoredMessage) -> R
     let mut slot = lock(slot);
     match &*slot {
         Slot::Unstored => {
-            let at = inner.store.store_sent(std::slice::from_ref(msg))?.pop().flatten();
-            let at = at.ok_or(StoreError::Corrupt("store_sent placed no outgoing message"))?;
-            *slot = Slot::Kept { at, point: inner.store.written() };
+            let (at, point) = store_for_session(inner, &mut slot, msg)?;
+            *slot = Slot::Kept { at, point };
         }
         Slot::Sending => _ = store_for_session(inner, &mut slot, msg)?,
         Slot::Stored { .. } | Slot::Kept { .. } | Slot::Abandoned => {}
