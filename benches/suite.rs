@@ -22,7 +22,7 @@ use report::{cpu_time, merge, selected, spread, Better, Figure, Samples, Scale};
 use serde_json::json;
 use sotto::clock::{unix_now_ms, unix_now_ns};
 use sotto::keys::Identity;
-use sotto::peer::session::{encode_chat, Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
+use sotto::peer::session::{Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
 use sotto::quic::{read_frame, write_frame, FrameReader};
 use sotto::rendezvous::client::RendezvousClient;
 use sotto::store::{Direction, SledStore, State, Store, StoredMessage};
@@ -342,9 +342,9 @@ async fn bulk_sotto(frames: usize) -> (Duration, Duration) {
         let mut out = Vec::with_capacity(MAX_NOISE_MESSAGE + 4);
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        // As a session sends a chat message: encoded from the stored body, sealed into
-        // the write buffer.
-        sender.seal_frame(&encode_chat(&id, unix_now_ms(), &body), &mut out).unwrap();
+        // As a session sends a chat message: encoded from the stored body straight into
+        // the write buffer, and sealed there.
+        sender.seal_chat(&id, unix_now_ms(), &body, &mut out).unwrap();
         // Handed to the stream without a copy, as a session does.
         send.write_chunk(out.into()).await.unwrap();
     }

@@ -184,7 +184,7 @@ pub trait Store: Send + Sync {
     /// Adds outgoing messages together, as they go out: a write or two however many
     /// there are. Returns where each is kept (`None` for a message that is not
     /// outgoing, which is not stored).
-    fn store_sent(&self, msgs: &[StoredMessage]) -> Result<Vec<Option<MessageRef>>, StoreError>;
+    fn store_sent(&self, msgs: &[&StoredMessage]) -> Result<Vec<Option<MessageRef>>, StoreError>;
     /// Sets the state of an outgoing message; `false` if there is no outgoing message
     /// at `at`.
     fn set_state(&self, at: &MessageRef, state: State) -> Result<bool, StoreError>;
@@ -588,7 +588,7 @@ impl Store for SledStore {
         Ok(added)
     }
 
-    fn store_sent(&self, msgs: &[StoredMessage]) -> Result<Vec<Option<MessageRef>>, StoreError> {
+    fn store_sent(&self, msgs: &[&StoredMessage]) -> Result<Vec<Option<MessageRef>>, StoreError> {
         let mut refs = vec![None; msgs.len()];
         let _write = self.lock_writes();
         let mut done: Vec<&Username> = Vec::new();
@@ -598,7 +598,7 @@ impl Store for SledStore {
             }
             done.push(&msg.peer);
             let theirs: Vec<usize> = (0..msgs.len()).filter(|&i| msgs[i].direction == Direction::Out && msgs[i].peer == msg.peer).collect();
-            let batches = self.cut(&msg.peer, theirs.iter().map(|&i| &msgs[i]), SENT_BATCH)?;
+            let batches = self.cut(&msg.peer, theirs.iter().map(|&i| msgs[i]), SENT_BATCH)?;
             for (place, batch) in &batches {
                 self.chat.insert(place.key(&msg.peer), encode(batch))?;
                 self.commits.wrote(batch.len() as u64);

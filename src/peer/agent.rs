@@ -15,7 +15,7 @@ use rand::RngCore;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::session::{encode_chat, Answer, Dial, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE};
+use super::session::{Answer, Dial, SessionError, Transport, ALPN, MAX_BODY, MAX_HANDSHAKE_MESSAGE};
 use crate::address::ServerAddress;
 use crate::clock::{unix_now, unix_now_ms, unix_now_ns};
 use crate::keys::{Identity, IdentityKey, NoiseBinding};
@@ -132,10 +132,9 @@ struct SessionHandle {
 }
 
 struct Outgoing {
-    /// The encoded message, sealed by the session.
-    plain: Vec<u8>,
-    /// The message as it is kept here, pending.
-    msg: StoredMessage,
+    /// The message as it is kept here, pending; the session encodes it where it seals
+    /// it. Shared with its sender, and with every session it is handed to.
+    msg: Arc<StoredMessage>,
     /// Whether a session has taken or stored it, shared by every session it is handed
     /// to.
     slot: Arc<Mutex<Slot>>,
@@ -170,7 +169,7 @@ enum Slot {
 /// or about to dial, or another session taking it over. Called under
 /// [`Inner::outbox`].
 fn store_for_session(inner: &Inner, slot: &mut Slot, msg: &StoredMessage) -> Result<(MessageRef, u64), StoreError> {
-    let at = inner.store.store_sent(std::slice::from_ref(msg))?.pop().flatten().expect("store_sent places an outgoing message");
+    let at = inner.store.store_sent(&[msg])?.pop().flatten().expect("store_sent places an outgoing message");
     let point = inner.store.written();
     *slot = Slot::Stored { at: at.clone(), point };
     Ok((at, point))
@@ -380,7 +379,7 @@ impl Agent {
         let mut id = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut id);
         let now = unix_now_ms();
-        let mut msg = StoredMessage {
+        let msg = Arc::new(StoredMessage {
             id,
             peer: to.clone(),
             direction: Direction::Out,
@@ -388,7 +387,7 @@ impl Agent {
             sent_at: now,
             stored_at: now,
             state: State::Pending,
-        };
+        });
         // The session that takes the message stores it, pending, with everything else
         // it sends in that write, as soon as the write is with its stream (or whoever
         // needs its record first does: `deliver` when it must dial, below, or a later
@@ -428,7 +427,7 @@ impl Agent {
             None => {
                 // No session took it: it never went out, and is kept as failed.
                 let state = if outcome.is_ok() { State::Delivered } else { State::Failed };
-                store.insert(&StoredMessage { state, ..msg.clone() })?;
+                store.insert(&StoredMessage { state, ..(*msg).clone() })?;
                 store.written()
             }
         };
@@ -436,10 +435,7 @@ impl Agent {
         // once it was on disk there). The delivered or failed mark reaches the disk with
         // the next flush, which starts at once; `shutdown` waits for it.
         durable(store.as_ref(), point).await?;
-        outcome.map(|()| {
-            msg.state = State::Delivered;
-            msg
-        })
+        outcome.map(|()| StoredMessage { state: State::Delivered, ..Arc::unwrap_or_clone(msg) })
     }
 
     /// Closes the session with `peer`, if there is one; the next message dials again.
@@ -451,13 +447,12 @@ impl Agent {
 
     /// Puts `msg` on a session (dialling one if needed) and waits for its ack; `slot`
     /// says whether a session has taken or stored it.
-    async fn deliver(&self, msg: &StoredMessage, slot: &Arc<Mutex<Slot>>) -> Result<(), SendError> {
-        let chat = encode_chat(&msg.id, msg.sent_at, &msg.body);
+    async fn deliver(&self, msg: &Arc<StoredMessage>, slot: &Arc<Mutex<Slot>>) -> Result<(), SendError> {
         let session_now = || lock(&self.inner.sessions).get(&msg.peer).cloned();
         let mut failed = None;
         if let Some(session) = session_now() {
             // A reused session may have died quietly; the same id makes a retry safe.
-            if push(&session, chat.clone(), msg, slot).await.is_ok() {
+            if push(&session, msg, slot).await.is_ok() {
                 return Ok(());
             }
             debug!(peer = %msg.peer, "session failed; dialing again");
@@ -492,7 +487,7 @@ impl Agent {
                 }
             }
         };
-        push(&session, chat, msg, slot).await.map_err(unreachable)
+        push(&session, msg, slot).await.map_err(unreachable)
     }
 
     /// Looks `user` up, verifies the answer, and checks it against the pinned contact
@@ -710,10 +705,10 @@ async fn watch_contacts(inner: Arc<Inner>) {
 
 /// Queues one message on a session, calls `queued`, and waits for the message's ack,
 /// all within [`ACK_TIMEOUT`].
-async fn push(session: &SessionHandle, plain: Vec<u8>, msg: &StoredMessage, slot: &Arc<Mutex<Slot>>) -> Result<(), String> {
+async fn push(session: &SessionHandle, msg: &Arc<StoredMessage>, slot: &Arc<Mutex<Slot>>) -> Result<(), String> {
     let (acked, ack) = oneshot::channel();
     let attempt = async {
-        let outgoing = Outgoing { plain, msg: msg.clone(), slot: slot.clone(), acked };
+        let outgoing = Outgoing { msg: msg.clone(), slot: slot.clone(), acked };
         session.outgoing.send(outgoing).await.map_err(|_| "session closed".to_string())?;
         ack.await.map_err(|_| "session closed before the acknowledgement".to_string())
     };

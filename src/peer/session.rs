@@ -118,14 +118,20 @@ enum ChatRef<'a> {
     Chat { id: &'a [u8; 16], sent_at: u64, body: &'a str },
 }
 
-/// The encoded `PeerMessage::Chat { id, sent_at, body }`, byte for byte what
-/// [`encode_message`](crate::wire::encode_message) makes of it, without first copying
-/// the body into a message.
-pub fn encode_chat(id: &[u8; 16], sent_at: u64, body: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 1 + 16 + 10 + 3 + body.len());
+/// Appends the encoded `PeerMessage::Chat { id, sent_at, body }` to `out`: byte for
+/// byte what [`encode_message`](crate::wire::encode_message) makes of it, without first
+/// copying the body into a message.
+fn encode_chat_into(id: &[u8; 16], sent_at: u64, body: &str, out: &mut Vec<u8>) {
+    out.reserve(CHAT_OVERHEAD + body.len());
     out.push(crate::wire::WIRE_VERSION);
-    postcard::to_extend(&ChatRef::Chat { id, sent_at, body }, out).expect("postcard encodes into a Vec")
+    // postcard extends a collection it owns; the buffer is lent to it and comes back.
+    let lent = std::mem::take(out);
+    *out = postcard::to_extend(&ChatRef::Chat { id, sent_at, body }, lent).expect("postcard encodes into a Vec");
 }
+
+/// The most a chat's encoding adds to its body: the wire version, the variant, the id,
+/// and `sent_at` and the body's length as varints.
+const CHAT_OVERHEAD: usize = 1 + 1 + 16 + 10 + 3;
 
 fn prologue(preamble_bytes: &[u8]) -> Vec<u8> {
     [PROLOGUE_DOMAIN, preamble_bytes].concat()
@@ -302,29 +308,50 @@ impl Transport {
         Ok(out.split_off(HEADER_LEN))
     }
 
-    /// Encrypts an encoded message ([`encode_message`](crate::wire::encode_message) or
-    /// [`encode_chat`]) and appends it to `out` as one frame: the length, then the Noise
+    /// Encrypts an encoded message ([`encode_message`](crate::wire::encode_message)) and
+    /// appends it to `out` as one frame: the length, then the Noise
     /// transport message. Frames for one write can share a buffer, and the message is
     /// sealed where it is sent from.
     pub fn seal_frame(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
         if plain.len() > MAX_PLAINTEXT {
             return Err(SessionError::TooLarge);
         }
+        self.seal_written(out, plain.len(), |out| out.extend_from_slice(plain))
+    }
+
+    /// Encodes `PeerMessage::Chat { id, sent_at, body }` straight into `out`, where it
+    /// is sealed, as one frame: what [`seal_frame`](Self::seal_frame) makes of the
+    /// encoded message, without encoding it anywhere else first.
+    pub fn seal_chat(&mut self, id: &[u8; 16], sent_at: u64, body: &str, out: &mut Vec<u8>) -> Result<(), SessionError> {
+        if body.len() > MAX_PLAINTEXT {
+            return Err(SessionError::TooLarge);
+        }
+        self.seal_written(out, CHAT_OVERHEAD + body.len(), |out| encode_chat_into(id, sent_at, body, out))
+    }
+
+    /// Appends one frame to `out`: a header, the plaintext `write` appends (about
+    /// `size` bytes), sealed where it lies, and its tag. A plaintext over
+    /// [`MAX_PLAINTEXT`] is refused and leaves `out` as it was.
+    fn seal_written(&mut self, out: &mut Vec<u8>, size: usize, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), SessionError> {
         self.send.usable()?;
         let start = out.len();
-        let len = plain.len() + NOISE_TAG_LEN;
-        out.reserve(HEADER_LEN + len);
-        // len ≤ MAX_NOISE_MESSAGE, so it fits the header.
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-        out.extend_from_slice(plain);
-        match self.send.seal(&mut out[start + HEADER_LEN..]) {
+        out.reserve(HEADER_LEN + size + NOISE_TAG_LEN);
+        out.extend_from_slice(&[0; HEADER_LEN]);
+        write(out);
+        let plain = out.len() - start - HEADER_LEN;
+        let sealed = match plain {
+            too_large if too_large > MAX_PLAINTEXT => Err(SessionError::TooLarge),
+            _ => self.send.seal(&mut out[start + HEADER_LEN..]),
+        };
+        match sealed {
             Ok(tag) => {
+                // plain + tag ≤ MAX_NOISE_MESSAGE, so it fits the header.
+                out[start..start + HEADER_LEN].copy_from_slice(&((plain + NOISE_TAG_LEN) as u32).to_be_bytes());
                 out.extend_from_slice(&tag);
                 Ok(())
             }
             Err(e) => {
-                // Nothing fails once the checks above pass; should it, no plaintext
-                // stays behind in the buffer's spare room.
+                // No plaintext stays behind in the buffer's spare room.
                 out[start..].zeroize();
                 out.truncate(start);
                 Err(e)
@@ -735,12 +762,30 @@ mod tests {
     }
 
     #[test]
+    fn a_chat_sealed_where_it_is_encoded_fits_one_message_or_is_refused_untouched() {
+        let (mut a, mut b) = pair(1);
+        // The largest encoding: a `sent_at` of ten varint bytes and a three-byte length.
+        let largest = MAX_PLAINTEXT - CHAT_OVERHEAD;
+        let mut out = b"kept".to_vec();
+        for body in ["x".repeat(largest + 1), "x".repeat(MAX_PLAINTEXT + 1)] {
+            assert_eq!(a.seal_chat(&[1; 16], u64::MAX, &body, &mut out).unwrap_err(), SessionError::TooLarge);
+            assert_eq!(out, b"kept", "a refused chat leaves the buffer as it was");
+        }
+        assert_eq!(a.counts().0, 0, "a refused chat uses no nonce");
+        let body = "x".repeat(largest);
+        a.seal_chat(&[1; 16], u64::MAX, &body, &mut out).unwrap();
+        assert_eq!(out.len(), 4 + HEADER_LEN + MAX_NOISE_MESSAGE);
+        let opened = b.open_frame(bytes::Bytes::copy_from_slice(&out[4 + HEADER_LEN..]), &mut Vec::new()).unwrap();
+        assert_eq!(opened, PeerMessage::Chat { id: [1; 16], sent_at: u64::MAX, body });
+    }
+
+    #[test]
     fn frames_sealed_into_one_buffer_open_in_order() {
         let (mut a, mut b) = pair(NOW_NS);
         let mut out = Vec::new();
         let bodies = ["one", "two", &"three".repeat(5000)];
         for (i, body) in bodies.iter().enumerate() {
-            a.seal_frame(&encode_chat(&[i as u8; 16], 7, body), &mut out).unwrap();
+            a.seal_chat(&[i as u8; 16], 7, body, &mut out).unwrap();
         }
         a.seal_frame(&crate::wire::encode_message(&PeerMessage::Ack { id: [9; 16] }), &mut out).unwrap();
         let mut rest = &out[..];
@@ -762,12 +807,15 @@ mod tests {
     }
 
     #[test]
-    fn encode_chat_is_the_chat_message_encoding() {
+    fn a_chat_encoded_in_place_is_the_chat_message_encoding() {
         for body in ["", "hi", &"é".repeat(300), &"x".repeat(MAX_BODY)] {
             for sent_at in [0, 127, 128, u64::MAX] {
                 let id = [sent_at as u8; 16];
                 let owned = PeerMessage::Chat { id, sent_at, body: body.to_string() };
-                assert_eq!(encode_chat(&id, sent_at, body), crate::wire::encode_message(&owned));
+                let mut out = b"before".to_vec();
+                encode_chat_into(&id, sent_at, body, &mut out);
+                assert_eq!(out, [&b"before"[..], &crate::wire::encode_message(&owned)].concat());
+                assert!(out.len() - b"before".len() <= CHAT_OVERHEAD + body.len());
             }
         }
     }

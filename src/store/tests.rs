@@ -391,7 +391,7 @@ fn messages_sent_together_are_kept_together_and_marked_in_one_go() {
         .map(|i| StoredMessage { body: "y".repeat(150), ..msg(["bob", "carol", "bob"][usize::from(i % 3)], i, 3000, Direction::Out) })
         .chain([msg("bob", 99, 3000, Direction::In)])
         .collect();
-    let refs = s.store_sent(&msgs).unwrap();
+    let refs = s.store_sent(&msgs.iter().collect::<Vec<_>>()).unwrap();
     assert!(refs[60].is_none(), "an incoming message is not stored as sent");
     let refs: Vec<MessageRef> = refs.into_iter().flatten().collect();
     assert_eq!(refs.len(), 60);
@@ -441,11 +441,11 @@ fn a_batch_after_a_restart_never_overwrites_one_from_before() {
     assert_eq!(s.last(Some(&name("bob")), 10).unwrap(), vec![with_id(2), with_id(3)]);
     // Sent batches alike.
     let out = StoredMessage { direction: Direction::Out, state: State::Pending, ..with_id(4) };
-    let first = s.store_sent(std::slice::from_ref(&out)).unwrap();
+    let first = s.store_sent(&[&out]).unwrap();
     drop(s);
     let s = reopen(dir.path());
     let out2 = StoredMessage { id: [[1u8; 8], [5; 8]].concat().try_into().unwrap(), ..out.clone() };
-    let second = s.store_sent(std::slice::from_ref(&out2)).unwrap();
+    let second = s.store_sent(&[&out2]).unwrap();
     assert_ne!(first, second);
     assert_eq!(s.last(Some(&name("bob")), 10).unwrap().len(), 4);
 }

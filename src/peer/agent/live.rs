@@ -126,17 +126,17 @@ async fn run_session(
                 let Some(first) = first else { break "closed".to_string() };
                 // Everything queued meanwhile goes out in the same write.
                 let mut items = vec![first];
-                let mut bytes = items[0].plain.len();
+                let mut bytes = items[0].msg.body.len();
                 while bytes < WRITE_BATCH {
                     let Ok(next) = queue.try_recv() else { break };
-                    bytes += next.plain.len();
+                    bytes += next.msg.body.len();
                     items.push(next);
                 }
                 let claims = match claim_outgoing(&inner, &items) { Ok(c) => c, Err(e) => break e };
                 let mut sealed = Ok(());
                 for (o, claim) in items.iter().zip(&claims) {
                     if matches!(claim, Claim::Skip) { continue }
-                    sealed = transport.seal_frame(&o.plain, &mut out);
+                    sealed = transport.seal_chat(&o.msg.id, o.msg.sent_at, &o.msg.body, &mut out);
                     if sealed.is_err() {
                         break;
                     }
@@ -315,7 +315,7 @@ fn store_claimed(inner: &Inner, items: &[Outgoing], claims: Vec<Claim>) -> Resul
     if fresh.is_empty() {
         return Ok(places);
     }
-    let msgs: Vec<StoredMessage> = fresh.iter().map(|&i| items[i].msg.clone()).collect();
+    let msgs: Vec<&StoredMessage> = fresh.iter().map(|&i| &*items[i].msg).collect();
     let stored = inner.store.store_sent(&msgs).map_err(|e| e.to_string())?;
     // The flusher starts on them now, while they travel.
     let point = inner.store.written();
@@ -409,7 +409,7 @@ mod tests {
             stored_at: 1_000 + u64::from(n),
             state: State::Pending,
         };
-        Outgoing { plain: Vec::new(), msg, slot: Arc::new(Mutex::new(Slot::Unstored)), acked: tokio::sync::oneshot::channel().0 }
+        Outgoing { msg: Arc::new(msg), slot: Arc::new(Mutex::new(Slot::Unstored)), acked: tokio::sync::oneshot::channel().0 }
     }
 
     fn history(agent: &Agent) -> Vec<(String, State)> {
