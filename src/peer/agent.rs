@@ -39,7 +39,8 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PREAMBLE: usize = 128;
 /// Outgoing messages queued per session before senders wait.
 const SESSION_QUEUE: usize = 64;
-/// Queued messages are sealed into one write until it holds this many bytes.
+/// Queued messages are sealed into one write until it holds this many bytes (counting
+/// each chat's encoding at its most, `CHAT_OVERHEAD` over its body).
 const WRITE_BATCH: usize = 64 * 1024;
 /// Incoming handshakes in progress at once; more are refused until some finish.
 const MAX_HANDSHAKES: usize = 64;

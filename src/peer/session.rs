@@ -131,7 +131,7 @@ fn encode_chat_into(id: &[u8; 16], sent_at: u64, body: &str, out: &mut Vec<u8>) 
 
 /// The most a chat's encoding adds to its body: the wire version, the variant, the id,
 /// and `sent_at` and the body's length as varints.
-const CHAT_OVERHEAD: usize = 1 + 1 + 16 + 10 + 3;
+pub const CHAT_OVERHEAD: usize = 1 + 1 + 16 + 10 + 3;
 
 fn prologue(preamble_bytes: &[u8]) -> Vec<u8> {
     [PROLOGUE_DOMAIN, preamble_bytes].concat()

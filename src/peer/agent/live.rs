@@ -15,7 +15,7 @@ use super::{
     lock, store_for_session, AgentEvent, Inner, Outgoing, SessionHandle, Slot, Waiting, FRAME_TIMEOUT, SESSION_QUEUE, WRITE_BATCH,
 };
 use crate::clock::unix_now_ms;
-use crate::peer::session::{PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE, NOISE_TAG_LEN};
+use crate::peer::session::{PeerMessage, Transport, CHAT_OVERHEAD, MAX_BODY, MAX_NOISE_MESSAGE, NOISE_TAG_LEN};
 use crate::quic::{FrameReader, WRITE_TIMEOUT};
 use crate::store::{flush_in_place, Direction, Durability, MessageRef, State, StoredMessage};
 use crate::username::Username;
@@ -126,10 +126,10 @@ async fn run_session(
                 let Some(first) = first else { break "closed".to_string() };
                 // Everything queued meanwhile goes out in the same write.
                 let mut items = vec![first];
-                let mut bytes = items[0].msg.body.len();
+                let mut bytes = CHAT_OVERHEAD + items[0].msg.body.len();
                 while bytes < WRITE_BATCH {
                     let Ok(next) = queue.try_recv() else { break };
-                    bytes += next.msg.body.len();
+                    bytes += CHAT_OVERHEAD + next.msg.body.len();
                     items.push(next);
                 }
                 let claims = match claim_outgoing(&inner, &items) { Ok(c) => c, Err(e) => break e };
