@@ -329,26 +329,28 @@ mod tests {
     fn every_connection_is_a_full_handshake_against_the_pin() {
         use rustls::HandshakeKind::Full;
         let cert = CertKey::generate("t").unwrap();
+        // A client that would keep tickets, and a server that would issue them.
+        let keeping = || {
+            let mut tls = client_tls(cert.sha256(), b"t").unwrap().0;
+            tls.resumption = rustls::client::Resumption::in_memory_sessions(8);
+            tls
+        };
+        let issuing = || {
+            let mut tls = server_tls(&cert, b"t").unwrap();
+            tls.send_tls13_tickets = 2;
+            tls.session_storage = rustls::server::ServerSessionMemoryCache::new(8);
+            tls
+        };
         // One client configuration for several connections, the most a ticket could need.
         let (client, mismatch) = client_tls(cert.sha256(), b"t").unwrap();
         assert_eq!(handshakes(client, server_tls(&cert, b"t").unwrap(), 3), [Full; 3]);
         assert!(!mismatch.load(Ordering::SeqCst));
         // Each side on its own: our server issues no ticket to a client that would keep
         // one, and our client keeps none from a server that issues them.
-        let mut keeping = client_tls(cert.sha256(), b"t").unwrap().0;
-        keeping.resumption = rustls::client::Resumption::in_memory_sessions(8);
-        assert_eq!(handshakes(keeping, server_tls(&cert, b"t").unwrap(), 3), [Full; 3]);
-        let mut issuing = server_tls(&cert, b"t").unwrap();
-        issuing.send_tls13_tickets = 2;
-        issuing.session_storage = rustls::server::ServerSessionMemoryCache::new(8);
-        assert_eq!(handshakes(client_tls(cert.sha256(), b"t").unwrap().0, issuing, 3), [Full; 3]);
+        assert_eq!(handshakes(keeping(), server_tls(&cert, b"t").unwrap(), 3), [Full; 3]);
+        assert_eq!(handshakes(client_tls(cert.sha256(), b"t").unwrap().0, issuing(), 3), [Full; 3]);
         // Both at once resume, which shows the check above can see a resumption.
-        let mut keeping = client_tls(cert.sha256(), b"t").unwrap().0;
-        keeping.resumption = rustls::client::Resumption::in_memory_sessions(8);
-        let mut issuing = server_tls(&cert, b"t").unwrap();
-        issuing.send_tls13_tickets = 2;
-        issuing.session_storage = rustls::server::ServerSessionMemoryCache::new(8);
-        assert_eq!(handshakes(keeping, issuing, 2)[1], rustls::HandshakeKind::Resumed);
+        assert_eq!(handshakes(keeping(), issuing(), 2)[1], rustls::HandshakeKind::Resumed);
         // The pin is what decides: another certificate is refused.
         let (other, mismatch) = client_tls([0; 32], b"t").unwrap();
         let mut c = rustls::ClientConnection::new(Arc::new(other), ServerName::try_from("sotto-peer").unwrap()).unwrap();
