@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::journal::Disk;
 use super::{Store, StoreError};
 
 /// [`Store::flush_here`] from async code, on the runtime worker that calls it, when the
@@ -93,6 +94,8 @@ pub(super) struct Commits {
     work: Condvar,
     /// Wakes blocking waiters after each flush.
     done: Condvar,
+    /// Wakes the checkpoint thread: a checkpoint is wanted, or the store is closing.
+    checkpoints: Condvar,
     progress: tokio::sync::watch::Sender<Durability>,
 }
 
@@ -106,6 +109,8 @@ struct CommitState {
     attempted: u64,
     /// A flush is under way (by the flusher thread or in place).
     flushing: bool,
+    /// The journal asked for a checkpoint (the checkpoint thread runs it).
+    checkpoint: bool,
     /// The flusher thread is waiting for work: only then is it worth a wake-up call
     /// (each costs a system call, some tens of µs on a virtual machine).
     idle: bool,
@@ -141,6 +146,7 @@ impl Commits {
             gather,
             work: Condvar::new(),
             done: Condvar::new(),
+            checkpoints: Condvar::new(),
             progress: tokio::sync::watch::channel(Durability::default()).0,
         }
     }
@@ -211,7 +217,7 @@ impl Commits {
     }
 
     /// [`Store::flush_here`]. Under load the flusher thread gathers instead.
-    pub(super) fn flush_here(&self, db: &sled::Db) -> Option<u64> {
+    pub(super) fn flush_here(&self, disk: &Disk) -> Option<u64> {
         let target = {
             let mut state = self.state();
             if state.gather_until(self.gather).is_some() {
@@ -219,14 +225,22 @@ impl Commits {
             }
             Self::begin_flush(&mut state)?
         };
-        self.flush(db, target);
+        self.flush(disk, target);
         Some(target)
     }
 
-    /// Asks the flusher thread to flush what is left and stop.
+    /// Asks the checkpoint thread for a checkpoint of the journal.
+    pub(super) fn want_checkpoint(&self) {
+        self.state().checkpoint = true;
+        self.checkpoints.notify_one();
+    }
+
+    /// Asks the flusher thread to flush what is left and stop, and the checkpoint thread
+    /// to stop (the store runs the last checkpoint itself).
     pub(super) fn close(&self) {
         self.state().closing = true;
         self.work.notify_one();
+        self.checkpoints.notify_one();
     }
 
     /// Counts applied writes: one for each message a batch stored (what matters for
@@ -252,12 +266,14 @@ impl Commits {
         Some(state.written)
     }
 
-    /// Flushes (the caller has begun it) and publishes the outcome. A panic inside sled
-    /// counts as a failed flush: on a session's worker it would otherwise leave the
-    /// store marked as flushing for good, and every waiter (and `Drop`) waiting.
-    fn flush(&self, db: &sled::Db, target: u64) {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.flush()))
-            .unwrap_or_else(|_| Err(sled::Error::ReportableBug("the flush panicked".into())));
+    /// Flushes (the caller has begun it): syncs the journal, and publishes the outcome. A
+    /// panic counts as a failed flush: on a session's worker it would otherwise leave
+    /// the store marked as flushing for good, and every waiter (and `Drop`) waiting.
+    fn flush(&self, disk: &Disk, target: u64) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| disk.sync())).unwrap_or_else(|_| {
+            disk.journal.fail();
+            Err(StoreError::NotDurable)
+        });
         let mut state = self.state();
         state.flushing = false;
         match result {
@@ -298,7 +314,7 @@ impl Commits {
     /// The flusher thread: flushes while there are commit points no flush has covered
     /// (under load, one flush per [`GATHER`]), then sleeps until there are more; other
     /// writes wait up to [`LINGER`]. Flushes what is left before the store closes.
-    pub(super) fn run(&self, db: &sled::Db) {
+    pub(super) fn run(&self, disk: &Disk) {
         loop {
             let target = {
                 let mut state = self.state();
@@ -324,9 +340,43 @@ impl Commits {
                 }
                 Self::begin_flush(&mut state).expect("no flush under way")
             };
-            self.flush(db, target);
+            self.flush(disk, target);
         }
     }
+
+    /// The checkpoint thread: runs a checkpoint each time the journal asks for one, on a
+    /// thread of its own so that flushes never wait behind one (it syncs all of sled's
+    /// files, which takes milliseconds), until the store closes.
+    pub(super) fn run_checkpoints(&self, disk: &Disk) {
+        loop {
+            {
+                let mut state = self.state();
+                while !state.checkpoint && !state.closing {
+                    state = self.checkpoints.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+                if state.closing {
+                    return;
+                }
+                state.checkpoint = false;
+            }
+            checkpoint(disk);
+        }
+    }
+}
+
+/// Runs a checkpoint of the journal if one is due: sled's data on disk, then the
+/// segment it covered is free again. A failed one is tried again when the journal next
+/// asks for it (meanwhile its active segment grows).
+fn checkpoint(disk: &Disk) {
+    if !disk.journal.begin_checkpoint() {
+        return;
+    }
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| disk.checkpoint()))
+        .unwrap_or_else(|_| Err(StoreError::Corrupt("the checkpoint panicked")));
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "history checkpoint failed");
+    }
+    disk.journal.end_checkpoint(result.is_ok());
 }
 
 #[cfg(test)]

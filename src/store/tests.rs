@@ -624,3 +624,157 @@ fn a_history_open_elsewhere_is_refused_and_the_retry_sees_it_free_up() {
     holder.join().unwrap();
     assert_eq!(s.last(None, 10).unwrap().len(), 1);
 }
+
+/// Set in a child process of [`a_crash_loses_nothing_a_flush_covered`]: the directory
+/// of the store it writes to before it aborts.
+const CRASH_CHILD: &str = "SOTTO_TEST_STORE_CRASH_CHILD";
+
+/// Round `round` of the crashing child: `n` incoming and `n` outgoing messages, half of
+/// the outgoing ones marked delivered, a contact, all flushed, then abort (no `Drop`,
+/// no checkpoint: sled alone has none of it on disk).
+fn crash_child(dir: &Path, round: u8, n: u8) -> ! {
+    let s = SledStore::open(dir).unwrap();
+    if round == 2 {
+        // sled ahead of the journal: a write the journal never synced is in sled's log
+        // on disk (as when sled writes out a full buffer of its own accord).
+        s.insert(&msg("erin", 1, 4000, Direction::Out)).unwrap();
+        s.wait_durable(s.written()).unwrap();
+        s.insert(&msg("erin", 2, 4001, Direction::Out)).unwrap();
+        s.disk.db.flush().unwrap();
+        println!("durable round {round}");
+        std::process::abort()
+    }
+    if round == 3 {
+        s.insert(&msg("erin", 3, 4002, Direction::Out)).unwrap();
+        s.wait_durable(s.written()).unwrap();
+        println!("durable round {round}");
+        std::process::abort()
+    }
+    let base = round * n;
+    let incoming: Vec<StoredMessage> = (0..n).map(|i| msg("bob", base + i, 1000 + u64::from(base + i), Direction::In)).collect();
+    s.receive(&incoming).unwrap();
+    for i in 0..n {
+        let out = msg("carol", base + i, 2000 + u64::from(base + i), Direction::Out);
+        s.insert(&out).unwrap();
+        if i % 2 == 0 {
+            s.set_state(&out.at(), State::Delivered).unwrap();
+        }
+    }
+    s.update_contact(&name("carol"), &mut |_| Some(contact("carol", round))).unwrap();
+    s.wait_durable(s.written()).unwrap();
+    // Written after the flush, and not waited for: it may or may not survive.
+    s.insert(&msg("dave", base, 3000, Direction::Out)).unwrap();
+    println!("durable round {round}");
+    std::process::abort()
+}
+
+fn contact(user: &str, n: u8) -> Contact {
+    let key = crate::presence::tests::identity(1);
+    Contact {
+        username: name(user),
+        identity_key: key.public(),
+        noise: key.binding(),
+        verified: false,
+        first_seen: u64::from(n),
+        last_seen: u64::from(n),
+        highest_seq: u64::from(n),
+        last_handshake: 0,
+        changed_key: None,
+    }
+}
+
+/// Runs this test again in a child process that writes round `round` and aborts.
+fn run_crashing_child(dir: &Path, round: u8) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["store::tests::a_crash_loses_nothing_a_flush_covered", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CRASH_CHILD, dir)
+        .env("SOTTO_TEST_STORE_CRASH_ROUND", round.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("durable round {round}")),
+        "the child did not get as far as its flush: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "the child was to abort");
+}
+
+#[test]
+fn a_crash_loses_nothing_a_flush_covered() {
+    const N: u8 = 40;
+    if let Some(dir) = std::env::var_os(CRASH_CHILD) {
+        let round = std::env::var("SOTTO_TEST_STORE_CRASH_ROUND").unwrap().parse().unwrap();
+        crash_child(Path::new(&dir), round, N);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run_crashing_child(dir.path(), 0);
+    {
+        // sled by itself lost the round: only the journal has it.
+        let db = sled_reopen(dir.path());
+        assert!(db.open_tree("chat").unwrap().is_empty(), "sled was flushed before the crash; this test shows nothing");
+    }
+    // The second round opens the store (replaying the first), writes more and aborts
+    // again before any checkpoint of its own.
+    run_crashing_child(dir.path(), 1);
+    let s = reopen(dir.path());
+    let bob = s.last(Some(&name("bob")), 1000).unwrap();
+    assert_eq!(bob.iter().map(|m| m.id[0]).collect::<Vec<_>>(), (0..2 * N).collect::<Vec<_>>(), "every incoming message, once");
+    let carol = s.last(Some(&name("carol")), 1000).unwrap();
+    assert_eq!(carol.len(), usize::from(2 * N));
+    for m in &carol {
+        let expected = if (m.id[0] % N) % 2 == 0 { State::Delivered } else { State::Pending };
+        assert_eq!(m.state, expected, "message {}", m.id[0]);
+    }
+    assert_eq!(s.contact(&name("carol")).unwrap(), Some(contact("carol", 1)));
+    // A resend of a recovered message is still recognised.
+    assert!(!s.receive(&[msg("bob", 3, 1003, Direction::In)]).unwrap()[0]);
+    drop(s);
+    // sled ahead of what the journal synced: what sled has stands, nothing is replayed
+    // over it, and the journal's numbering goes on past it.
+    run_crashing_child(dir.path(), 2);
+    assert_eq!(reopen(dir.path()).last(Some(&name("erin")), 10).unwrap().len(), 2);
+    // The next crash after it: the journal's records after sled's are replayed.
+    run_crashing_child(dir.path(), 3);
+    assert_eq!(reopen(dir.path()).last(Some(&name("erin")), 10).unwrap().len(), 3);
+    // Closed cleanly: the journal is empty, and sled holds everything by itself.
+    let db = sled_reopen(dir.path());
+    assert_eq!(db.open_tree("chat").unwrap().scan_prefix(b"merin").count(), 3);
+}
+
+#[test]
+fn a_journal_older_than_the_database_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = msg("bob", 1, 10, Direction::Out);
+    let s = reopen(dir.path());
+    s.insert(&m).unwrap();
+    s.wait_durable(s.written()).unwrap();
+    // The journal as it is now, holding the pending message.
+    let saved: Vec<Vec<u8>> = (0..2).map(|i| std::fs::read(dir.path().join(format!("journal-{i}"))).unwrap()).collect();
+    s.set_state(&m.at(), State::Delivered).unwrap();
+    drop(s);
+    // Put back, it would replay the pending state over the delivered one; its records
+    // are all at or below the last one sled applied, so none is replayed.
+    for (i, bytes) in saved.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("journal-{i}")), bytes).unwrap();
+    }
+    let s = reopen(dir.path());
+    assert_eq!(s.message(&m.at()).unwrap().unwrap().state, State::Delivered);
+}
+
+#[test]
+fn a_journal_that_skips_records_the_database_lacks_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap();
+    drop(s);
+    let applied = applied_record(&sled_reopen(dir.path()).open_tree("meta").unwrap()).unwrap();
+    assert!(applied >= 1);
+    // Records from a later point than the database has reached, with a gap before them.
+    let journal = Journal::open(dir.path()).unwrap().journal;
+    journal.start(applied + 5, false).unwrap();
+    journal.append(&[Write { tree: TreeId::Chat, key: b"x".to_vec(), value: b"y".to_vec() }]).unwrap();
+    journal.sync().unwrap();
+    drop(journal);
+    assert!(matches!(open_retrying(dir.path()), Err(StoreError::Corrupt(_))));
+}
