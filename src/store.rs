@@ -1,10 +1,10 @@
 //! A profile's local database: message history, contacts and the handshake replay
 //! guard, behind the [`Store`] trait; [`SledStore`] is the engine used today.
 //!
-//! sled trees (schema 4):
+//! sled trees (schema 5):
 //!
 //! ```text
-//! meta       "schema" → 4
+//! meta       "schema" → 5 (schema 4: the same without the journal)
 //!            "journal" → u64 BE: the number of the last journal record applied
 //! chat       "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ batch ‖ 3     → postcard(Vec<StoredMessage>), sent together
 //!            "m" ‖ peer ‖ 0 ‖ stored_at_ms (u64 BE) ‖ batch ‖ 2     → postcard(Vec<StoredMessage>), received together
@@ -54,14 +54,17 @@
 //! write returns once it is applied. A flush writes out every record appended so far
 //! and syncs it: one write and one `sync_file_range` (on a file system that overwrites
 //! in place, inside the segment's pre-written length; `fdatasync` otherwise) on the
-//! flushing thread. sled itself is flushed only at checkpoints: when one of the
-//! journal's two 2 MiB segments is full, records go on in the other while a thread of
-//! the store's own flushes sled and syncs its files (its log, its blob files, the
-//! directories); then the full segment may be written over. Opening the store replays,
-//! in order, the records numbered past the last one sled holds. sled recovers a prefix
-//! of its operations and the journal's synced records are a prefix of them too, so
-//! what comes back after a crash is a prefix at least as long as either, and a crash
-//! loses nothing a flush covered. Closing checkpoints and empties the journal.
+//! flushing thread. Nothing waits for sled's own flush any more (it runs on its own
+//! every 500 ms, as it always did); at checkpoints, when one of the journal's two 2 MiB
+//! segments is full, records go on in the other while a thread of the store's own
+//! flushes sled and syncs its files (its log, its blob files, the directories); then the
+//! full segment may be written over. Opening the store replays, in order, the records
+//! numbered past the last one sled holds, then begins a new epoch in the journal. sled
+//! recovers a prefix of its operations and the journal's synced records are a prefix of
+//! them too, so what comes back after a crash is a prefix at least as long as either,
+//! and a crash loses nothing a flush covered. Closing checkpoints and empties the
+//! journal. A failed journal sync or checkpoint is final until the store is opened
+//! again (SECURITY.md, peer sessions step 6, says what "on disk" means here).
 //!
 //! Why not sled's own flush: it hands the write to sled's pool of I/O threads, waking
 //! each idle one in turn, and waits on a condition variable for the one that wrote it.
@@ -103,16 +106,28 @@ pub use commit::{durable, flush_in_place, Durability};
 use journal::{Disk, Journal, TreeId, Write};
 use layout::*;
 
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// The `meta` key holding the number of the last journal record applied (u64 BE).
 const APPLIED: &str = "journal";
 
 /// The number of the last journal record sled holds, 0 before the first.
 fn applied_record(meta: &sled::Tree) -> Result<u64, StoreError> {
-    match meta.get(APPLIED)? {
-        None => Ok(0),
-        Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt("journal number"))?)),
+    let Some(v) = meta.get(APPLIED)? else { return Ok(0) };
+    let n = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt("journal number"))?);
+    if n >= journal::MAX_SEQ {
+        return Err(StoreError::Corrupt("journal number"));
+    }
+    Ok(n)
+}
+
+/// Fails the journal when dropped: [`SledStore::commit`] forgets it once a record is
+/// applied in full.
+struct FailUnlessFinished<'j>(&'j Journal);
+
+impl Drop for FailUnlessFinished<'_> {
+    fn drop(&mut self) {
+        self.0.fail();
     }
 }
 
@@ -301,24 +316,38 @@ impl SledStore {
     }
 
     fn open_with(dir: &Path, linger: std::time::Duration, gather: std::time::Duration) -> Result<Self, StoreError> {
-        // sled is flushed at checkpoints only (see the module docs).
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).flush_every_ms(None).open()?;
+        // sled keeps its own timed flush (every 500 ms, with an fsync of its log): it
+        // makes sled's state on disk newer, which the journal's numbering allows for,
+        // and sled reuses its log's space on the strength of it.
+        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
         let meta = db.open_tree("meta")?;
         let chat = db.open_tree("chat")?;
         let contacts = db.open_tree("contacts")?;
-        match meta.get("schema")? {
+        // A new or migrated database: its schema number goes to disk before any record.
+        let migrated = match meta.get("schema")? {
             None => {
                 meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
+                true
             }
             Some(v) => {
                 let v: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("schema"))?;
                 match u64::from_be_bytes(v) {
-                    SCHEMA_VERSION => {}
-                    v @ (1..=3) => migrate(&db, &chat, &meta, v)?,
+                    SCHEMA_VERSION => false,
+                    v @ (1..=3) => {
+                        migrate(&db, &chat, &meta, v)?;
+                        true
+                    }
+                    // Schema 4 is schema 5's layout without the journal; the number
+                    // changes so that no sotto that knows nothing of the journal opens a
+                    // database whose journal holds records it would not replay.
+                    4 => {
+                        meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
+                        true
+                    }
                     v => return Err(StoreError::Schema(v)),
                 }
             }
-        }
+        };
         let recovered = Journal::open(dir)?;
         let disk = Arc::new(Disk::new(db, recovered.journal, dir));
         let applied = applied_record(&meta)?;
@@ -332,14 +361,18 @@ impl SledStore {
                 tree_of(&chat, &contacts, w.tree).insert(w.key, w.value)?;
             }
         }
-        if last > applied {
-            meta.insert(APPLIED, &last.to_be_bytes())?;
+        // Every number a record found holds is taken as used, replayed or not (a pass
+        // that did not join was never synced whole, and nothing in it was reported
+        // durable), so that the next numbers follow on from sled's.
+        let through = last.max(recovered.highest);
+        if through > applied {
+            meta.insert(APPLIED, &through.to_be_bytes())?;
         }
-        if recovered.highest > 0 || last > applied {
-            // What was read back is in sled on disk before the segments are cleared.
+        if migrated || recovered.highest > 0 || through > applied {
+            // What was read back is in sled on disk before the journal starts afresh.
             disk.checkpoint()?;
         }
-        disk.journal.start(last.max(recovered.highest) + 1, recovered.highest > 0)?;
+        disk.journal.start(through + 1)?;
         let commits = Arc::new(Commits::new(linger, gather));
         let spawn = |name: &str, run: fn(&Commits, &Disk)| {
             let (commits, disk) = (commits.clone(), disk.clone());
@@ -365,14 +398,15 @@ impl SledStore {
         if appended.checkpoint_due {
             self.commits.want_checkpoint();
         }
-        let applied = writes
+        // Failing, or panicking, between here and the end leaves sled short of a record
+        // the journal holds: the journal then takes nothing more.
+        let unfinished = FailUnlessFinished(&self.disk.journal);
+        writes
             .into_iter()
             .try_for_each(|w| self.tree(w.tree).insert(w.key, w.value).map(drop))
-            .and_then(|()| self.meta.insert(APPLIED, &appended.seq.to_be_bytes()).map(drop));
-        if applied.is_err() {
-            self.disk.journal.fail();
-        }
-        Ok(applied?)
+            .and_then(|()| self.meta.insert(APPLIED, &appended.seq.to_be_bytes()).map(drop))?;
+        std::mem::forget(unfinished);
+        Ok(())
     }
 
     fn tree(&self, tree: TreeId) -> &sled::Tree {

@@ -14,24 +14,28 @@
 //!
 //! Two segment files, `journal-0` and `journal-1`, are written in turn. Each is made
 //! once, full size, with zeros written and synced (so overwriting it later allocates
-//! nothing), and begins with a 16-byte header. Records follow the header, the current
+//! nothing), and begins with a 24-byte header. Records follow the header, the current
 //! pass first, then whatever an earlier pass left. All integers are little-endian:
 //!
 //! ```text
-//! segment = "sotto-journal/1\n" ‖ record* ‖ (stale bytes)
-//! record  = body_len: u32 ‖ crc32: u32 of (seq ‖ body) ‖ seq: u64 ‖ body
+//! segment = "sotto-journal/1\n" ‖ epoch: u64 ‖ record* ‖ (stale bytes)
+//! record  = body_len: u32 ‖ crc32: u32 of (epoch ‖ seq ‖ body) ‖ seq: u64 ‖ body
 //! body    = write+
 //! write   = tree: u8 (0 chat, 1 contacts) ‖ key_len: u32 ‖ key ‖ value_len: u32 ‖ value
 //! ```
 //!
-//! Record numbers (`seq`) count up from 1 and are never used twice. A segment's pass is
-//! read from its start while each record is whole, its checksum holds and its number
-//! follows the one before; the first record that fails any of these ends it (a record
-//! cut short by a crash, or one of an earlier pass). The two passes are joined only if
-//! the later one begins right after the earlier one ends.
+//! Record numbers (`seq`) count up from 1, stay below 2^62, and are never used twice.
+//! Each open of the store begins a new epoch, a random number written into both
+//! headers (and synced) before any record: a record written under an earlier epoch
+//! fails its checksum under the new one, however its number compares, so nothing a
+//! crash left lying past a damaged record can ever be read back as new. A segment's pass
+//! is read from its start while each record is whole, its checksum holds under the
+//! segment's epoch and its number follows the one before; the first record that fails
+//! any of these ends it (a record cut short by a crash, or one of an earlier pass or
+//! epoch). The two passes are joined only if the later one begins right after the
+//! earlier one ends.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -44,12 +48,18 @@ use super::StoreError;
 pub(super) const SEGMENT_BYTES: u64 = 2 << 20;
 
 const MAGIC: &[u8; 16] = b"sotto-journal/1\n";
-const HEADER: u64 = MAGIC.len() as u64;
+/// Where the epoch is in a segment's header.
+const EPOCH_AT: u64 = MAGIC.len() as u64;
+/// Where records begin.
+const HEADER: u64 = EPOCH_AT + 8;
 const RECORD_HEADER: usize = 16;
 /// The largest record body written or read back, checked before anything is allocated
 /// for it. A batch of frames read together, 256 or more messages of up to 64 KiB,
 /// stays far below.
 const MAX_BODY: usize = 256 << 20;
+/// Record numbers stay below this, so that one more never overflows; a record that
+/// claims one as high is not a record.
+pub(super) const MAX_SEQ: u64 = 1 << 62;
 
 /// The sled tree a journalled write goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +84,7 @@ pub(super) struct Record {
 }
 
 /// Appends a record to `out`; on an error, `out` is left as it was.
-fn encode_record(seq: u64, writes: &[Write], out: &mut Vec<u8>) -> Result<(), StoreError> {
+fn encode_record(epoch: u64, seq: u64, writes: &[Write], out: &mut Vec<u8>) -> Result<(), StoreError> {
     let size = writes.iter().map(|w| 9 + w.key.len() + w.value.len()).sum::<usize>();
     if size > MAX_BODY || writes.is_empty() {
         return Err(StoreError::Corrupt("journal record too large or empty"));
@@ -90,7 +100,7 @@ fn encode_record(seq: u64, writes: &[Write], out: &mut Vec<u8>) -> Result<(), St
             out.extend_from_slice(part);
         }
     }
-    let crc = checksum(seq, &out[start + RECORD_HEADER..]);
+    let crc = checksum(epoch, seq, &out[start + RECORD_HEADER..]);
     let header = &mut out[start..start + RECORD_HEADER];
     header[..4].copy_from_slice(&(size as u32).to_le_bytes());
     header[4..8].copy_from_slice(&crc.to_le_bytes());
@@ -98,8 +108,9 @@ fn encode_record(seq: u64, writes: &[Write], out: &mut Vec<u8>) -> Result<(), St
     Ok(())
 }
 
-fn checksum(seq: u64, body: &[u8]) -> u32 {
+fn checksum(epoch: u64, seq: u64, body: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
+    h.update(&epoch.to_le_bytes());
     h.update(&seq.to_le_bytes());
     h.update(body);
     h.finalize()
@@ -144,10 +155,11 @@ fn read_header(file: &File, at: u64, len: u64, after: Option<u64>) -> Result<Nex
     file.read_exact_at(&mut header, at).map_err(StoreError::Io)?;
     let body_len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
     let seq = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
-    let follows = match after {
-        Some(prev) => Some(seq) == prev.checked_add(1),
-        None => seq != 0,
-    };
+    let follows = seq < MAX_SEQ
+        && match after {
+            Some(prev) => seq == prev + 1,
+            None => seq != 0,
+        };
     let fits = body_len <= MAX_BODY && (body_len as u64) <= len - at - RECORD_HEADER as u64;
     Ok(if follows && fits { Next::Record(seq, body_len) } else { Next::End })
 }
@@ -157,6 +169,9 @@ fn read_header(file: &File, at: u64, len: u64, after: Option<u64>) -> Result<Nex
 /// that is an error.
 fn read_pass(file: &File) -> Result<Vec<Record>, StoreError> {
     let len = file.metadata().map_err(StoreError::Io)?.len();
+    let mut epoch = [0u8; 8];
+    file.read_exact_at(&mut epoch, EPOCH_AT).map_err(StoreError::Io)?;
+    let epoch = u64::from_le_bytes(epoch);
     let mut records = Vec::new();
     let mut at = HEADER;
     loop {
@@ -166,7 +181,7 @@ fn read_pass(file: &File) -> Result<Vec<Record>, StoreError> {
         file.read_exact_at(&mut crc, at + 4).map_err(StoreError::Io)?;
         let mut body = vec![0u8; body_len];
         file.read_exact_at(&mut body, at + RECORD_HEADER as u64).map_err(StoreError::Io)?;
-        if checksum(seq, &body) != u32::from_le_bytes(crc) {
+        if checksum(epoch, seq, &body) != u32::from_le_bytes(crc) {
             break;
         }
         let writes = decode_body(&body).ok_or(StoreError::Corrupt("journal record"))?;
@@ -216,6 +231,8 @@ enum Checkpoint {
 
 struct State {
     segments: [Segment; 2],
+    /// This open's epoch, in both segments' headers since [`Journal::start`].
+    epoch: u64,
     active: usize,
     next_seq: u64,
     /// The other segment's records are all in sled on disk: it may be written over.
@@ -281,8 +298,15 @@ impl Journal {
         let a = passes.pop().expect("two passes");
         let records = join_passes(a, b);
         let segments: [Segment; 2] = segments.try_into().unwrap_or_else(|_| unreachable!("two segments"));
-        let state = State { segments, active: 0, next_seq: highest + 1, other_free: true, checkpoint: Checkpoint::Idle, failed: false };
-        let journal = Journal { state: Mutex::new(state), syncing: Mutex::new(()), in_place: overwrites_in_place(dir) };
+        let state =
+            State { segments, epoch: 0, active: 0, next_seq: highest + 1, other_free: true, checkpoint: Checkpoint::Idle, failed: false };
+        let in_place = overwrites_in_place(dir);
+        tracing::debug!(
+            in_place,
+            "history journal opened; records are synced with {}",
+            if in_place { "sync_file_range" } else { "fdatasync" }
+        );
+        let journal = Journal { state: Mutex::new(state), syncing: Mutex::new(()), in_place };
         Ok(Recovered { journal, records, highest })
     }
 
@@ -290,20 +314,24 @@ impl Journal {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Begins writing: the next record is numbered `next_seq` and goes to the start of
-    /// the first segment. Every record either segment holds must be in sled on disk by
-    /// now (the store checkpoints after replaying); if there are any (`wipe`), the first
-    /// header of each segment is zeroed and synced first, so that no pass left from
-    /// before can ever be joined to the new one.
-    pub(super) fn start(&self, next_seq: u64, wipe: bool) -> Result<(), StoreError> {
-        let mut st = self.state();
-        if wipe {
-            for seg in &st.segments {
-                seg.file.write_all_at(&[0; RECORD_HEADER], HEADER).map_err(StoreError::Io)?;
-                seg.file.sync_data().map_err(StoreError::Io)?;
-            }
+    /// Begins writing: a new epoch goes into both headers, each segment's first record
+    /// header is zeroed, and both are synced; the next record is numbered `next_seq` and
+    /// goes to the start of the first segment. Every record either segment holds must be
+    /// in sled on disk by now (the store checkpoints after replaying).
+    pub(super) fn start(&self, next_seq: u64) -> Result<(), StoreError> {
+        if next_seq >= MAX_SEQ {
+            return Err(StoreError::Corrupt("journal record numbers used up"));
         }
-        st.next_seq = st.next_seq.max(next_seq);
+        let mut st = self.state();
+        let epoch = rand::random::<u64>();
+        let mut header = [0u8; 8 + RECORD_HEADER];
+        header[..8].copy_from_slice(&epoch.to_le_bytes());
+        for seg in &st.segments {
+            seg.file.write_all_at(&header, EPOCH_AT).map_err(StoreError::Io)?;
+            self.sync_bytes(&seg.file, EPOCH_AT, HEADER + RECORD_HEADER as u64).map_err(StoreError::Io)?;
+        }
+        st.epoch = epoch;
+        st.next_seq = next_seq;
         st.active = 0;
         st.other_free = true;
         for seg in &mut st.segments {
@@ -311,6 +339,15 @@ impl Journal {
             seg.pending.clear();
         }
         Ok(())
+    }
+
+    /// Syncs bytes written over inside a segment's first, pre-written part.
+    fn sync_bytes(&self, file: &File, from: u64, to: u64) -> std::io::Result<()> {
+        if self.in_place {
+            sync_range(file, from, to)
+        } else {
+            file.sync_data()
+        }
     }
 
     /// Appends one record of `writes`, in memory: the next [`sync`](Self::sync) writes
@@ -321,11 +358,14 @@ impl Journal {
         if st.failed {
             return Err(StoreError::NotDurable);
         }
-        let seq = st.next_seq;
+        let (seq, epoch) = (st.next_seq, st.epoch);
+        if seq >= MAX_SEQ {
+            return Err(StoreError::Corrupt("journal record numbers used up"));
+        }
         let active = st.active;
         let mut pending = std::mem::take(&mut st.segments[active].pending);
         let before = pending.len();
-        let encoded = encode_record(seq, writes, &mut pending);
+        let encoded = encode_record(epoch, seq, writes, &mut pending);
         st.segments[active].pending = pending;
         encoded?;
         let len = (st.segments[active].pending.len() - before) as u64;
@@ -417,11 +457,14 @@ impl Journal {
     }
 
     /// A checkpoint begun by [`begin_checkpoint`](Self::begin_checkpoint) ended; if it
-    /// succeeded, the other segment may be written over.
+    /// succeeded, the other segment may be written over. A failed one is final, as a
+    /// failed sync is: a retry could "succeed" on data an `fsync` already reported lost,
+    /// and free a segment whose records sled never got to disk.
     pub(super) fn end_checkpoint(&self, succeeded: bool) {
         let mut st = self.state();
         st.checkpoint = Checkpoint::Idle;
         st.other_free |= succeeded;
+        st.failed |= !succeeded;
     }
 
     /// After a checkpoint that covered every record: zeroes each segment's first record
@@ -433,8 +476,7 @@ impl Journal {
         }
         for seg in &st.segments {
             seg.file.write_all_at(&[0; RECORD_HEADER], HEADER).map_err(StoreError::Io)?;
-            if self.in_place { sync_range(&seg.file, HEADER, HEADER + RECORD_HEADER as u64) } else { seg.file.sync_data() }
-                .map_err(StoreError::Io)?;
+            self.sync_bytes(&seg.file, HEADER, HEADER + RECORD_HEADER as u64).map_err(StoreError::Io)?;
         }
         Ok(())
     }
@@ -495,13 +537,16 @@ fn sync_range(file: &File, from: u64, to: u64) -> std::io::Result<()> {
     file.sync_data()
 }
 
-/// Whether the file system under `dir` writes over allocated blocks in place.
+/// Whether the file system under `dir` writes over allocated blocks in place, so that
+/// writing bytes back is all it takes to make an overwrite durable: ext2/3/4 (unless
+/// mounted `data=journal`, where data goes through the file system's journal first) and
+/// tmpfs. XFS and the copy-on-write file systems may need a log commit for an overwrite
+/// (a reflinked copy shares its blocks), so they get `fdatasync`.
 #[cfg(target_os = "linux")]
 #[allow(clippy::unnecessary_cast)]
 fn overwrites_in_place(dir: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     const EXT: i64 = 0xEF53;
-    const XFS: i64 = 0x5846_5342;
     const TMPFS: i64 = 0x0102_1994;
     let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
     // SAFETY: `statfs` fills the zeroed struct it is given; the path is NUL-terminated.
@@ -509,7 +554,55 @@ fn overwrites_in_place(dir: &Path) -> bool {
     if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 {
         return false;
     }
-    matches!(fs.f_type as i64, EXT | XFS | TMPFS)
+    match fs.f_type as i64 {
+        TMPFS => true,
+        EXT => {
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            std::fs::canonicalize(dir)
+                .is_ok_and(|dir| mount_options(&mounts, &dir).is_some_and(|o| !o.split(',').any(|o| o == "data=journal")))
+        }
+        _ => false,
+    }
+}
+
+/// The file system options (the last field of `/proc/self/mountinfo`) of the mount
+/// `path` is on: the one with the longest mount point that holds it.
+#[cfg(target_os = "linux")]
+fn mount_options<'m>(mountinfo: &'m str, path: &Path) -> Option<&'m str> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let point = unescape_mount_point(line.split(' ').nth(4)?);
+            let (_, after) = line.split_once(" - ")?;
+            let options = after.split(' ').nth(2)?;
+            path.starts_with(&point).then_some((point.as_os_str().len(), options))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, options)| options)
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline and backslash
+/// as octal escapes.
+#[cfg(target_os = "linux")]
+fn unescape_mount_point(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -522,13 +615,14 @@ pub(super) struct Disk {
     pub(super) db: sled::Db,
     pub(super) journal: Journal,
     dir: PathBuf,
-    /// sled's blob files (values too large for its log) already synced, by name.
-    synced_blobs: Mutex<HashSet<OsString>>,
+    /// sled's other files (its blob files, `conf`, snapshots), by path and length, as
+    /// they were when last synced.
+    synced: Mutex<HashSet<(PathBuf, u64)>>,
 }
 
 impl Disk {
     pub(super) fn new(db: sled::Db, journal: Journal, dir: &Path) -> Self {
-        Self { db, journal, dir: dir.to_path_buf(), synced_blobs: Mutex::new(HashSet::new()) }
+        Self { db, journal, dir: dir.to_path_buf(), synced: Mutex::new(HashSet::new()) }
     }
 
     /// Makes every record appended so far durable ([`Journal::sync`]).
@@ -537,32 +631,80 @@ impl Disk {
     }
 
     /// Puts everything applied to sled so far on disk, sled's way and then all the way:
-    /// sled's flush writes its log out but does not make the device write its cache back
-    /// or sync the file's size, and never syncs the blob files it writes values too large
-    /// for its log to; all of those are synced here.
+    /// sled's flush writes its log out, but does not sync the file's size or make the
+    /// device write back its cache, and never syncs the files it writes beside its log
+    /// (a value or a node too large for the log goes to a blob file of its own). Here
+    /// the log is synced, and every other file of sled's that is new or has changed
+    /// length since the last checkpoint, and the directories.
     pub(super) fn checkpoint(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         File::open(self.dir.join("db")).and_then(|f| f.sync_all()).map_err(StoreError::Io)?;
-        let blobs = self.dir.join("blobs");
-        if blobs.is_dir() {
-            let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
-            let mut present = HashSet::new();
-            for entry in std::fs::read_dir(&blobs).map_err(StoreError::Io)? {
-                let name = entry.map_err(StoreError::Io)?.file_name();
-                if !synced.contains(&name) {
-                    // A blob sled removed meanwhile is no longer needed.
-                    match File::open(blobs.join(&name)).and_then(|f| f.sync_all()) {
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now = HashSet::new();
+        for dir in [self.dir.clone(), self.dir.join("blobs")] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::Io(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(StoreError::Io)?;
+                let name = entry.file_name();
+                // The log is synced above; the journal's segments are the journal's.
+                if name == "db" || name.to_string_lossy().starts_with("journal-") {
+                    continue;
+                }
+                let path = entry.path();
+                // A file sled removed meanwhile is no longer needed.
+                let len = match std::fs::metadata(&path) {
+                    Ok(meta) if meta.is_file() => meta.len(),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(StoreError::Io(e)),
+                };
+                let key = (path, len);
+                if !synced.contains(&key) {
+                    match File::open(&key.0).and_then(|f| f.sync_all()) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         Err(e) => return Err(StoreError::Io(e)),
                     }
                 }
-                present.insert(name);
+                now.insert(key);
             }
-            *synced = present;
-            sync_dir(&blobs).map_err(StoreError::Io)?;
+            sync_dir(&dir).map_err(StoreError::Io)?;
         }
-        sync_dir(&self.dir).map_err(StoreError::Io)
+        *synced = now;
+        Ok(())
+    }
+}
+
+/// Records as written in a segment, for tests that put a crash's leavings there.
+#[cfg(test)]
+pub(super) mod testing {
+    use super::*;
+
+    /// A record as [`Journal::append`] writes it under `epoch`; if not `sound`, with its
+    /// checksum broken (a record a crash cut short).
+    pub(in crate::store) fn record(epoch: u64, seq: u64, writes: &[Write], sound: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_record(epoch, seq, writes, &mut out).unwrap();
+        if !sound {
+            out[4] ^= 1;
+        }
+        out
+    }
+
+    /// The epoch in segment `i`'s header.
+    pub(in crate::store) fn epoch(dir: &Path, i: usize) -> u64 {
+        let mut epoch = [0u8; 8];
+        File::open(dir.join(format!("journal-{i}"))).unwrap().read_exact_at(&mut epoch, EPOCH_AT).unwrap();
+        u64::from_le_bytes(epoch)
+    }
+
+    /// Writes `bytes` where segment `i`'s records begin.
+    pub(in crate::store) fn put_records(dir: &Path, i: usize, bytes: &[u8]) {
+        OpenOptions::new().write(true).open(dir.join(format!("journal-{i}"))).unwrap().write_all_at(bytes, HEADER).unwrap();
     }
 }
 
@@ -589,9 +731,14 @@ mod tests {
     #[test]
     fn a_record_encodes_as_documented() {
         let mut out = Vec::new();
-        encode_record(0x0102, &[write(TreeId::Contacts, b"k", b"vv")], &mut out).unwrap();
+        encode_record(7, 0x0102, &[write(TreeId::Contacts, b"k", b"vv")], &mut out).unwrap();
         let body = [1, 1, 0, 0, 0, b'k', 2, 0, 0, 0, b'v', b'v'];
-        let crc = checksum(0x0102, &body);
+        let crc = checksum(7, 0x0102, &body);
+        assert_ne!(crc, checksum(8, 0x0102, &body), "the epoch is checksummed");
+        let mut h = crc32fast::Hasher::new();
+        h.update(&[7, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0]);
+        h.update(&body);
+        assert_eq!(crc, h.finalize(), "crc32 of epoch ‖ seq ‖ body");
         let mut expected = vec![12, 0, 0, 0];
         expected.extend_from_slice(&crc.to_le_bytes());
         expected.extend_from_slice(&[2, 1, 0, 0, 0, 0, 0, 0]);
@@ -602,7 +749,9 @@ mod tests {
         for bad in [&[2u8, 0, 0, 0, 0, 0, 0, 0, 0][..], &body[..11], &[&body[..], &[0][..]].concat(), &[]] {
             assert_eq!(decode_body(bad), None, "{bad:?}");
         }
-        assert!(encode_record(1, &[], &mut out).is_err(), "an empty record is refused");
+        let before = out.clone();
+        assert!(encode_record(7, 1, &[], &mut out).is_err(), "an empty record is refused");
+        assert_eq!(out, before, "and nothing is left of it");
     }
 
     #[test]
@@ -610,7 +759,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = reopen(dir.path());
         assert!(r.records.is_empty() && r.highest == 0);
-        r.journal.start(1, false).unwrap();
+        r.journal.start(1).unwrap();
         for n in 1..=5 {
             assert_eq!(r.journal.append(&writes(n)).unwrap().seq, u64::from(n));
             if n == 3 {
@@ -625,8 +774,9 @@ mod tests {
         assert_eq!(seqs(&again.records), [1, 2, 3, 4, 5]);
         assert_eq!(again.records[2].writes, writes(3));
         assert_eq!(again.highest, 5);
-        // Starting again wipes them, and numbering goes on.
-        again.journal.start(1, true).unwrap();
+        // Starting again, with the numbers after them, leaves nothing to read back.
+        again.journal.start(6).unwrap();
+        assert!(reopen(dir.path()).records.is_empty());
         assert_eq!(again.journal.append(&writes(9)).unwrap().seq, 6);
         again.journal.sync().unwrap();
         drop(again);
@@ -638,7 +788,7 @@ mod tests {
     fn a_record_cut_short_or_damaged_ends_the_pass() {
         let dir = tempfile::tempdir().unwrap();
         let r = reopen(dir.path());
-        r.journal.start(1, false).unwrap();
+        r.journal.start(1).unwrap();
         for n in 1..=4 {
             r.journal.append(&writes(n)).unwrap();
         }
@@ -667,18 +817,30 @@ mod tests {
     fn a_sound_checksum_over_a_body_that_is_not_writes_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let r = reopen(dir.path());
-        r.journal.start(1, false).unwrap();
+        r.journal.start(1).unwrap();
         r.journal.append(&writes(1)).unwrap();
         r.journal.sync().unwrap();
         drop(r);
         let file = OpenOptions::new().read(true).write(true).open(dir.path().join("journal-0")).unwrap();
         let body = [9u8, 0, 0];
         let mut record = vec![3, 0, 0, 0];
-        record.extend_from_slice(&checksum(1, &body).to_le_bytes());
+        record.extend_from_slice(&checksum(testing::epoch(dir.path(), 0), 1, &body).to_le_bytes());
         record.extend_from_slice(&1u64.to_le_bytes());
         record.extend_from_slice(&body);
         file.write_all_at(&record, HEADER).unwrap();
         assert!(matches!(Journal::open(dir.path()), Err(StoreError::Corrupt("journal record"))));
+    }
+
+    #[test]
+    fn the_mount_a_path_is_on_is_the_longest_that_holds_it() {
+        let mounts = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro\n\
+                      30 22 8:2 / /home rw shared:2 - ext4 /dev/sda2 rw,data=journal\n\
+                      31 22 0:5 / /home/a\\040b rw shared:3 - tmpfs tmpfs rw,size=10k\n";
+        assert_eq!(mount_options(mounts, Path::new("/var/lib")), Some("rw,errors=remount-ro"));
+        assert_eq!(mount_options(mounts, Path::new("/home/alice/.local")), Some("rw,data=journal"));
+        assert_eq!(mount_options(mounts, Path::new("/home/a b/x")), Some("rw,size=10k"));
+        assert_eq!(mount_options(mounts, Path::new("/homework")), Some("rw,errors=remount-ro"), "a prefix of the name is not the mount");
+        assert_eq!(unescape_mount_point("/a\\040b\\134c\\09"), PathBuf::from("/a b\\c\\09"));
     }
 
     #[test]
@@ -719,7 +881,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = reopen(dir.path());
         let j = &r.journal;
-        j.start(1, false).unwrap();
+        j.start(1).unwrap();
         fill_until_switch(j, 0);
         let first_in_other = j.state().next_seq - 1;
         assert_eq!(j.state().active, 1);
@@ -745,13 +907,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = reopen(dir.path());
         let j = &r.journal;
-        j.start(1, false).unwrap();
+        j.start(1).unwrap();
         assert!(!j.begin_checkpoint(), "nothing to checkpoint while the other is free");
         fill_until_switch(j, 0);
         assert!(j.begin_checkpoint());
         assert!(!j.begin_checkpoint(), "one at a time");
-        j.end_checkpoint(false);
-        assert!(j.begin_checkpoint(), "a failed one is tried again");
         j.end_checkpoint(true);
         fill_until_switch(j, 0);
         assert_eq!(j.state().active, 0, "back to the first segment, from its start");
@@ -775,10 +935,56 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_checkpoint_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reopen(dir.path());
+        let j = &r.journal;
+        j.start(1).unwrap();
+        fill_until_switch(j, 0);
+        assert!(j.begin_checkpoint());
+        j.end_checkpoint(false);
+        assert!(!j.begin_checkpoint(), "not tried again");
+        assert!(matches!(j.append(&writes(1)), Err(StoreError::NotDurable)));
+        assert!(matches!(j.sync(), Err(StoreError::NotDurable)));
+    }
+
+    #[test]
+    fn records_of_an_earlier_epoch_are_not_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reopen(dir.path());
+        r.journal.start(1).unwrap();
+        let old = testing::epoch(dir.path(), 0);
+        assert_eq!(old, testing::epoch(dir.path(), 1), "one epoch for both segments");
+        r.journal.append(&writes(1)).unwrap();
+        r.journal.sync().unwrap();
+        // Written under this epoch, number 2 follows: it is read.
+        testing::put_records(
+            dir.path(),
+            0,
+            &[testing::record(old, 1, &writes(1), true), testing::record(old, 2, &writes(2), true)].concat(),
+        );
+        assert_eq!(seqs(&reopen(dir.path()).records), [1, 2]);
+        // A new epoch (the next open): the same bytes are no records at all.
+        r.journal.start(3).unwrap();
+        assert_ne!(testing::epoch(dir.path(), 0), old);
+        testing::put_records(
+            dir.path(),
+            0,
+            &[testing::record(old, 3, &writes(1), true), testing::record(old, 4, &writes(2), true)].concat(),
+        );
+        assert!(reopen(dir.path()).records.is_empty());
+        // A number at the top of the range is not a record either.
+        let epoch = testing::epoch(dir.path(), 0);
+        testing::put_records(dir.path(), 0, &testing::record(epoch, MAX_SEQ, &writes(1), true));
+        assert!(reopen(dir.path()).records.is_empty());
+        assert!(r.journal.start(MAX_SEQ).is_err());
+    }
+
+    #[test]
     fn a_failed_journal_takes_no_more_records() {
         let dir = tempfile::tempdir().unwrap();
         let r = reopen(dir.path());
-        r.journal.start(1, false).unwrap();
+        r.journal.start(1).unwrap();
         r.journal.append(&writes(1)).unwrap();
         r.journal.fail();
         assert!(matches!(r.journal.append(&writes(2)), Err(StoreError::NotDurable)));

@@ -166,7 +166,7 @@ pub(super) fn migrate_seen(seen: &mut std::collections::BTreeMap<Vec<u8>, Seen>,
     }
 }
 
-/// Brings an older database to schema 4: messages of schemas 1 and 2 move into the
+/// Brings an older database to schema 4's layout (and schema 5's number): messages of schemas 1 and 2 move into the
 /// `chat` tree, and the incoming ids (schema 3's `i` index, or found in the messages)
 /// go into the buckets of [`SEEN`]. Safe to run again after a crash part way: it
 /// rebuilds the same keys from the messages, and the old trees go only after the new

@@ -772,9 +772,102 @@ fn a_journal_that_skips_records_the_database_lacks_is_refused() {
     assert!(applied >= 1);
     // Records from a later point than the database has reached, with a gap before them.
     let journal = Journal::open(dir.path()).unwrap().journal;
-    journal.start(applied + 5, false).unwrap();
+    journal.start(applied + 5).unwrap();
     journal.append(&[Write { tree: TreeId::Chat, key: b"x".to_vec(), value: b"y".to_vec() }]).unwrap();
     journal.sync().unwrap();
     drop(journal);
     assert!(matches!(open_retrying(dir.path()), Err(StoreError::Corrupt(_))));
+    // So is a last-applied number no record can have.
+    let dir = tempfile::tempdir().unwrap();
+    drop(reopen(dir.path()));
+    sled_reopen(dir.path()).open_tree("meta").unwrap().insert(APPLIED, &u64::MAX.to_be_bytes()).unwrap();
+    assert!(matches!(open_retrying(dir.path()), Err(StoreError::Corrupt("journal number"))));
+}
+
+/// Runs `test` again in a child process, with `CRASH_CHILD` set to `dir`, and waits for
+/// it to say it is done (it then aborts).
+fn run_child(test: &str, dir: &Path) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CRASH_CHILD, dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("child done"), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_record_left_past_a_torn_one_is_never_replayed_after_a_restart() {
+    let carol = |n| Write { tree: TreeId::Contacts, key: b"carol".to_vec(), value: encode(&contact("carol", n)) };
+    if let Some(dir) = std::env::var_os(CRASH_CHILD) {
+        // The next run writes a record as long as the torn one, where it was.
+        let s = SledStore::open(Path::new(&dir)).unwrap();
+        s.put_contact(&contact("carol", 2)).unwrap();
+        s.wait_durable(s.written()).unwrap();
+        println!("child done");
+        std::process::abort();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    s.put_contact(&contact("carol", 1)).unwrap();
+    drop(s);
+    let applied = applied_record(&sled_reopen(dir.path()).open_tree("meta").unwrap()).unwrap();
+    // What a power cut in the middle of a sync can leave: the next record torn (its page
+    // lost), and the one after it whole.
+    let epoch = journal::testing::epoch(dir.path(), 0);
+    let torn = journal::testing::record(epoch, applied + 1, &[carol(2)], false);
+    let whole = journal::testing::record(epoch, applied + 2, &[carol(7)], true);
+    journal::testing::put_records(dir.path(), 0, &[torn, whole].concat());
+    run_child("store::tests::a_record_left_past_a_torn_one_is_never_replayed_after_a_restart", dir.path());
+    // The new record now sits right before the old one, numbered just before it: the
+    // epoch keeps it out.
+    assert_eq!(reopen(dir.path()).contact(&name("carol")).unwrap(), Some(contact("carol", 2)));
+}
+
+#[test]
+fn records_past_a_gap_are_dropped_and_the_store_opens_after_the_next_crash() {
+    let put = |key: &[u8]| Write { tree: TreeId::Chat, key: key.to_vec(), value: b"v".to_vec() };
+    if let Some(dir) = std::env::var_os(CRASH_CHILD) {
+        let s = SledStore::open(Path::new(&dir)).unwrap();
+        s.insert(&msg("erin", 9, 5000, Direction::Out)).unwrap();
+        s.wait_durable(s.written()).unwrap();
+        println!("child done");
+        std::process::abort();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = reopen(dir.path());
+    s.insert(&msg("bob", 1, 10, Direction::Out)).unwrap();
+    drop(s);
+    let applied = applied_record(&sled_reopen(dir.path()).open_tree("meta").unwrap()).unwrap();
+    // The first segment holds the next two records; the second one, the record after a
+    // lost one (a pass that never synced whole).
+    let (epoch, record) = (journal::testing::epoch(dir.path(), 0), journal::testing::record);
+    journal::testing::put_records(
+        dir.path(),
+        0,
+        &[record(epoch, applied + 1, &[put(b"x1")], true), record(epoch, applied + 2, &[put(b"x2")], true)].concat(),
+    );
+    journal::testing::put_records(dir.path(), 1, &record(epoch, applied + 4, &[put(b"x4")], true));
+    // Opened, it replays the two and crashes after a write of its own; opened again, it
+    // has all of that and nothing past the gap.
+    run_child("store::tests::records_past_a_gap_are_dropped_and_the_store_opens_after_the_next_crash", dir.path());
+    let s = reopen(dir.path());
+    assert!(s.chat.get(b"x1").unwrap().is_some() && s.chat.get(b"x2").unwrap().is_some());
+    assert!(s.chat.get(b"x4").unwrap().is_none());
+    assert_eq!(s.last(Some(&name("erin")), 10).unwrap().len(), 1);
+}
+
+#[test]
+fn a_schema_4_database_is_taken_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = msg("bob", 1, 10, Direction::In);
+    let s = reopen(dir.path());
+    s.insert(&m).unwrap();
+    drop(s);
+    sled_reopen(dir.path()).open_tree("meta").unwrap().insert("schema", &4u64.to_be_bytes()).unwrap();
+    let s = reopen(dir.path());
+    assert_eq!(s.last(None, 10).unwrap(), [m]);
+    drop(s);
+    let meta = sled_reopen(dir.path()).open_tree("meta").unwrap();
+    assert_eq!(meta.get("schema").unwrap().unwrap().as_ref(), &SCHEMA_VERSION.to_be_bytes());
 }
