@@ -59,6 +59,26 @@ impl Accounts {
         postcard::from_bytes(&bytes).map(Some).map_err(|_| StoreError::Corrupt(user.to_string()))
     }
 
+    /// `user`'s identity key and Noise binding, as a lookup answers them: the record is
+    /// read in place (its password hash is not copied out), and its identity key is
+    /// taken as it was checked when the account was stored (see
+    /// [`IdentityKey::from_stored_bytes`]).
+    pub fn public_keys(&self, user: &Username) -> Result<Option<(IdentityKey, NoiseBinding)>, StoreError> {
+        /// [`Account`]'s encoding, field for field.
+        #[derive(Deserialize)]
+        struct Stored<'a> {
+            _version: u8,
+            _password_phc: &'a str,
+            identity_key: [u8; 32],
+            noise: NoiseBinding,
+            _created_at: u64,
+            _key_set_at: u64,
+        }
+        let Some(bytes) = self.tree.get(user.as_str())? else { return Ok(None) };
+        let stored: Stored = postcard::from_bytes(&bytes).map_err(|_| StoreError::Corrupt(user.to_string()))?;
+        Ok(Some((IdentityKey::from_stored_bytes(stored.identity_key), stored.noise)))
+    }
+
     /// Creates the account; `false` if the name is taken. Durable when it returns.
     pub async fn create(&self, user: &Username, account: &Account) -> Result<bool, StoreError> {
         let bytes = postcard::to_stdvec(account).expect("postcard encodes into a Vec");
@@ -322,5 +342,28 @@ mod tests {
         assert!(accounts.replace(&alice, &account, &rebound).await.unwrap());
         assert!(!accounts.replace(&alice, &account, &rebound).await.unwrap());
         assert_eq!(accounts.get(&alice).unwrap(), Some(rebound));
+    }
+
+    #[tokio::test]
+    async fn a_lookup_reads_the_keys_the_full_record_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let accounts = Accounts::open(dir.path()).unwrap();
+        let id = crate::presence::tests::identity(3);
+        let bob = Username::parse("bob").unwrap();
+        let account = Account {
+            version: ACCOUNT_VERSION,
+            password_phc: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g".into(),
+            identity_key: id.public(),
+            noise: id.binding(),
+            created_at: u64::MAX,
+            key_set_at: 300,
+        };
+        assert!(accounts.create(&bob, &account).await.unwrap());
+        assert_eq!(accounts.public_keys(&bob).unwrap(), Some((account.identity_key, account.noise)));
+        assert_eq!(accounts.public_keys(&Username::parse("carol").unwrap()).unwrap(), None);
+        // A record cut short is an error, not a key made of whatever is there.
+        let bytes = accounts.tree.get("bob").unwrap().unwrap();
+        accounts.tree.insert("bob", &bytes[..bytes.len() - 2]).unwrap();
+        assert!(matches!(accounts.public_keys(&bob), Err(StoreError::Corrupt(_))));
     }
 }

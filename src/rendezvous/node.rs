@@ -583,7 +583,7 @@ fn publish(shared: &Shared, conn: &Conn, user: &Username, signed: crate::presenc
 }
 
 fn lookup(shared: &Shared, username: &Username) -> Result<Response, Refusal> {
-    let account = shared.accounts.get(username).map_err(store_failed)?.ok_or(Refusal::NotFound)?;
+    let (identity_key, noise) = shared.accounts.public_keys(username).map_err(store_failed)?.ok_or(Refusal::NotFound)?;
     let presence = lock(&shared.directory).current(username, unix_now()).cloned();
-    Ok(Response::Account(AccountInfo { username: username.clone(), identity_key: account.identity_key, noise: account.noise, presence }))
+    Ok(Response::Account(AccountInfo { username: username.clone(), identity_key, noise, presence }))
 }

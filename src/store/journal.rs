@@ -724,6 +724,14 @@ mod tests {
         Journal::open(dir).unwrap()
     }
 
+    /// A journal in a new directory, begun at record 1.
+    fn started() -> (tempfile::TempDir, Recovered) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reopen(dir.path());
+        r.journal.start(1).unwrap();
+        (dir, r)
+    }
+
     fn seqs(records: &[Record]) -> Vec<u64> {
         records.iter().map(|r| r.seq).collect()
     }
@@ -786,9 +794,7 @@ mod tests {
 
     #[test]
     fn a_record_cut_short_or_damaged_ends_the_pass() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = reopen(dir.path());
-        r.journal.start(1).unwrap();
+        let (dir, r) = started();
         for n in 1..=4 {
             r.journal.append(&writes(n)).unwrap();
         }
@@ -815,9 +821,7 @@ mod tests {
 
     #[test]
     fn a_sound_checksum_over_a_body_that_is_not_writes_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = reopen(dir.path());
-        r.journal.start(1).unwrap();
+        let (dir, r) = started();
         r.journal.append(&writes(1)).unwrap();
         r.journal.sync().unwrap();
         drop(r);
@@ -878,10 +882,8 @@ mod tests {
 
     #[test]
     fn a_full_segment_hands_over_to_the_other_and_passes_join_across_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = reopen(dir.path());
+        let (dir, r) = started();
         let j = &r.journal;
-        j.start(1).unwrap();
         fill_until_switch(j, 0);
         let first_in_other = j.state().next_seq - 1;
         assert_eq!(j.state().active, 1);
@@ -904,10 +906,8 @@ mod tests {
 
     #[test]
     fn a_checkpoint_frees_the_other_segment_for_the_next_switch() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = reopen(dir.path());
+        let (dir, r) = started();
         let j = &r.journal;
-        j.start(1).unwrap();
         assert!(!j.begin_checkpoint(), "nothing to checkpoint while the other is free");
         fill_until_switch(j, 0);
         assert!(j.begin_checkpoint());
@@ -936,10 +936,8 @@ mod tests {
 
     #[test]
     fn a_failed_checkpoint_is_final() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = reopen(dir.path());
+        let (_dir, r) = started();
         let j = &r.journal;
-        j.start(1).unwrap();
         fill_until_switch(j, 0);
         assert!(j.begin_checkpoint());
         j.end_checkpoint(false);
@@ -950,9 +948,7 @@ mod tests {
 
     #[test]
     fn records_of_an_earlier_epoch_are_not_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = reopen(dir.path());
-        r.journal.start(1).unwrap();
+        let (dir, r) = started();
         let old = testing::epoch(dir.path(), 0);
         assert_eq!(old, testing::epoch(dir.path(), 1), "one epoch for both segments");
         r.journal.append(&writes(1)).unwrap();
@@ -982,9 +978,7 @@ mod tests {
 
     #[test]
     fn a_failed_journal_takes_no_more_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = reopen(dir.path());
-        r.journal.start(1).unwrap();
+        let (_dir, r) = started();
         r.journal.append(&writes(1)).unwrap();
         r.journal.fail();
         assert!(matches!(r.journal.append(&writes(2)), Err(StoreError::NotDurable)));
