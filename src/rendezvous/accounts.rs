@@ -321,24 +321,27 @@ mod tests {
         assert!(h.verify(Zeroizing::new("pw".into()), Some(phc)).await.unwrap());
     }
 
-    #[tokio::test]
-    async fn create_is_first_come_and_replace_is_compare_and_swap() {
-        let dir = tempfile::tempdir().unwrap();
-        let accounts = Accounts::open(dir.path()).unwrap();
-        let id = crate::presence::tests::identity(1);
-        let alice = Username::parse("alice").unwrap();
-        let account = Account {
+    fn account_of(seed: u8) -> Account {
+        let id = crate::presence::tests::identity(seed);
+        Account {
             version: ACCOUNT_VERSION,
             password_phc: "x".into(),
             identity_key: id.public(),
             noise: id.binding(),
             created_at: 1,
             key_set_at: 1,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn create_is_first_come_and_replace_is_compare_and_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let accounts = Accounts::open(dir.path()).unwrap();
+        let alice = Username::parse("alice").unwrap();
+        let account = account_of(1);
         assert!(accounts.create(&alice, &account).await.unwrap());
         assert!(!accounts.create(&alice, &account).await.unwrap());
-        let other = crate::presence::tests::identity(2);
-        let rebound = Account { identity_key: other.public(), noise: other.binding(), ..account.clone() };
+        let rebound = account_of(2);
         assert!(accounts.replace(&alice, &account, &rebound).await.unwrap());
         assert!(!accounts.replace(&alice, &account, &rebound).await.unwrap());
         assert_eq!(accounts.get(&alice).unwrap(), Some(rebound));
@@ -348,15 +351,12 @@ mod tests {
     async fn a_lookup_reads_the_keys_the_full_record_holds() {
         let dir = tempfile::tempdir().unwrap();
         let accounts = Accounts::open(dir.path()).unwrap();
-        let id = crate::presence::tests::identity(3);
         let bob = Username::parse("bob").unwrap();
         let account = Account {
-            version: ACCOUNT_VERSION,
             password_phc: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g".into(),
-            identity_key: id.public(),
-            noise: id.binding(),
             created_at: u64::MAX,
             key_set_at: 300,
+            ..account_of(3)
         };
         assert!(accounts.create(&bob, &account).await.unwrap());
         assert_eq!(accounts.public_keys(&bob).unwrap(), Some((account.identity_key, account.noise)));

@@ -625,8 +625,8 @@ fn a_history_open_elsewhere_is_refused_and_the_retry_sees_it_free_up() {
     assert_eq!(s.last(None, 10).unwrap().len(), 1);
 }
 
-/// Set in a child process of [`a_crash_loses_nothing_a_flush_covered`]: the directory
-/// of the store it writes to before it aborts.
+/// Set in a child process of the crash tests below: the directory of the store it
+/// writes to before it aborts.
 const CRASH_CHILD: &str = "SOTTO_TEST_STORE_CRASH_CHILD";
 
 /// Round `round` of the crashing child: `n` incoming and `n` outgoing messages, half of
@@ -641,13 +641,13 @@ fn crash_child(dir: &Path, round: u8, n: u8) -> ! {
         s.wait_durable(s.written()).unwrap();
         s.insert(&msg("erin", 2, 4001, Direction::Out)).unwrap();
         s.disk.db.flush().unwrap();
-        println!("durable round {round}");
+        println!("child done");
         std::process::abort()
     }
     if round == 3 {
         s.insert(&msg("erin", 3, 4002, Direction::Out)).unwrap();
         s.wait_durable(s.written()).unwrap();
-        println!("durable round {round}");
+        println!("child done");
         std::process::abort()
     }
     let base = round * n;
@@ -664,7 +664,7 @@ fn crash_child(dir: &Path, round: u8, n: u8) -> ! {
     s.wait_durable(s.written()).unwrap();
     // Written after the flush, and not waited for: it may or may not survive.
     s.insert(&msg("dave", base, 3000, Direction::Out)).unwrap();
-    println!("durable round {round}");
+    println!("child done");
     std::process::abort()
 }
 
@@ -685,19 +685,7 @@ fn contact(user: &str, n: u8) -> Contact {
 
 /// Runs this test again in a child process that writes round `round` and aborts.
 fn run_crashing_child(dir: &Path, round: u8) {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["store::tests::a_crash_loses_nothing_a_flush_covered", "--exact", "--nocapture", "--test-threads=1"])
-        .env(CRASH_CHILD, dir)
-        .env("SOTTO_TEST_STORE_CRASH_ROUND", round.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains(&format!("durable round {round}")),
-        "the child did not get as far as its flush: {stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "the child was to abort");
+    run_child("store::tests::a_crash_loses_nothing_a_flush_covered", dir, round);
 }
 
 #[test]
@@ -784,16 +772,18 @@ fn a_journal_that_skips_records_the_database_lacks_is_refused() {
     assert!(matches!(open_retrying(dir.path()), Err(StoreError::Corrupt("journal number"))));
 }
 
-/// Runs `test` again in a child process, with `CRASH_CHILD` set to `dir`, and waits for
-/// it to say it is done (it then aborts).
-fn run_child(test: &str, dir: &Path) {
+/// Runs `test` again in a child process, with `CRASH_CHILD` set to `dir` (and the
+/// round it is to write), and checks that it got as far as its flush and aborted.
+fn run_child(test: &str, dir: &Path, round: u8) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(CRASH_CHILD, dir)
+        .env("SOTTO_TEST_STORE_CRASH_ROUND", round.to_string())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("child done"), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("child done"), "the child did not get as far as its flush: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the child was to abort");
 }
 
 #[test]
@@ -818,7 +808,7 @@ fn a_record_left_past_a_torn_one_is_never_replayed_after_a_restart() {
     let torn = journal::testing::record(epoch, applied + 1, &[carol(2)], false);
     let whole = journal::testing::record(epoch, applied + 2, &[carol(7)], true);
     journal::testing::put_records(dir.path(), 0, &[torn, whole].concat());
-    run_child("store::tests::a_record_left_past_a_torn_one_is_never_replayed_after_a_restart", dir.path());
+    run_child("store::tests::a_record_left_past_a_torn_one_is_never_replayed_after_a_restart", dir.path(), 0);
     // The new record now sits right before the old one, numbered just before it: the
     // epoch keeps it out.
     assert_eq!(reopen(dir.path()).contact(&name("carol")).unwrap(), Some(contact("carol", 2)));
@@ -850,7 +840,7 @@ fn records_past_a_gap_are_dropped_and_the_store_opens_after_the_next_crash() {
     journal::testing::put_records(dir.path(), 1, &record(epoch, applied + 4, &[put(b"x4")], true));
     // Opened, it replays the two and crashes after a write of its own; opened again, it
     // has all of that and nothing past the gap.
-    run_child("store::tests::records_past_a_gap_are_dropped_and_the_store_opens_after_the_next_crash", dir.path());
+    run_child("store::tests::records_past_a_gap_are_dropped_and_the_store_opens_after_the_next_crash", dir.path(), 0);
     let s = reopen(dir.path());
     assert!(s.chat.get(b"x1").unwrap().is_some() && s.chat.get(b"x2").unwrap().is_some());
     assert!(s.chat.get(b"x4").unwrap().is_none());
