@@ -121,6 +121,45 @@ fn applied_record(meta: &sled::Tree) -> Result<u64, StoreError> {
     Ok(n)
 }
 
+/// Opens the journal, applies the records numbered past the last one sled holds, and
+/// begins a new epoch (see the module docs). A new or `migrated` database is
+/// checkpointed first, so its schema number is on disk before any record.
+fn recover(
+    dir: &Path,
+    db: sled::Db,
+    meta: &sled::Tree,
+    chat: &sled::Tree,
+    contacts: &sled::Tree,
+    migrated: bool,
+) -> Result<Arc<Disk>, StoreError> {
+    let recovered = Journal::open(dir)?;
+    let disk = Arc::new(Disk::new(db, recovered.journal, dir));
+    let applied = applied_record(meta)?;
+    let replay: Vec<_> = recovered.records.into_iter().filter(|r| r.seq > applied).collect();
+    if replay.first().is_some_and(|r| r.seq != applied + 1) {
+        return Err(StoreError::Corrupt("journal: records missing between the database and its journal"));
+    }
+    let last = replay.last().map_or(applied, |r| r.seq);
+    for record in replay {
+        for w in record.writes {
+            tree_of(chat, contacts, w.tree).insert(w.key, w.value)?;
+        }
+    }
+    // Every number a record found holds is taken as used, replayed or not (a pass
+    // that did not join was never synced whole, and nothing in it was reported
+    // durable), so that the next numbers follow on from sled's.
+    let through = last.max(recovered.highest);
+    if through > applied {
+        meta.insert(APPLIED, &through.to_be_bytes())?;
+    }
+    if migrated || recovered.highest > 0 || through > applied {
+        // What was read back is in sled on disk before the journal starts afresh.
+        disk.checkpoint()?;
+    }
+    disk.journal.start(through + 1)?;
+    Ok(disk)
+}
+
 /// Fails the journal when dropped: [`SledStore::commit`] forgets it once a record is
 /// applied in full.
 struct FailUnlessFinished<'j>(&'j Journal);
@@ -348,31 +387,7 @@ impl SledStore {
                 }
             }
         };
-        let recovered = Journal::open(dir)?;
-        let disk = Arc::new(Disk::new(db, recovered.journal, dir));
-        let applied = applied_record(&meta)?;
-        let replay: Vec<_> = recovered.records.into_iter().filter(|r| r.seq > applied).collect();
-        if replay.first().is_some_and(|r| r.seq != applied + 1) {
-            return Err(StoreError::Corrupt("journal: records missing between the database and its journal"));
-        }
-        let last = replay.last().map_or(applied, |r| r.seq);
-        for record in replay {
-            for w in record.writes {
-                tree_of(&chat, &contacts, w.tree).insert(w.key, w.value)?;
-            }
-        }
-        // Every number a record found holds is taken as used, replayed or not (a pass
-        // that did not join was never synced whole, and nothing in it was reported
-        // durable), so that the next numbers follow on from sled's.
-        let through = last.max(recovered.highest);
-        if through > applied {
-            meta.insert(APPLIED, &through.to_be_bytes())?;
-        }
-        if migrated || recovered.highest > 0 || through > applied {
-            // What was read back is in sled on disk before the journal starts afresh.
-            disk.checkpoint()?;
-        }
-        disk.journal.start(through + 1)?;
+        let disk = recover(dir, db, &meta, &chat, &contacts, migrated)?;
         let commits = Arc::new(Commits::new(linger, gather));
         let spawn = |name: &str, run: fn(&Commits, &Disk)| {
             let (commits, disk) = (commits.clone(), disk.clone());

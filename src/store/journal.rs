@@ -35,181 +35,25 @@
 //! epoch). The two passes are joined only if the later one begins right after the
 //! earlier one ends.
 
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::StoreError;
 
+mod disk;
+mod format;
+#[cfg(test)]
+mod tests;
+pub(super) use disk::Disk;
+use disk::{overwrites_in_place, sync_dir, sync_range};
+use format::*;
+pub(super) use format::{Record, TreeId, Write, MAX_SEQ};
+
 /// The size a segment is made at; once one holds this much, the next record goes to the
 /// other segment (when a checkpoint has freed it) and a checkpoint of this one begins.
 pub(super) const SEGMENT_BYTES: u64 = 2 << 20;
-
-const MAGIC: &[u8; 16] = b"sotto-journal/1\n";
-/// Where the epoch is in a segment's header.
-const EPOCH_AT: u64 = MAGIC.len() as u64;
-/// Where records begin.
-const HEADER: u64 = EPOCH_AT + 8;
-const RECORD_HEADER: usize = 16;
-/// The largest record body written or read back, checked before anything is allocated
-/// for it. A batch of frames read together, 256 or more messages of up to 64 KiB,
-/// stays far below.
-const MAX_BODY: usize = 256 << 20;
-/// Record numbers stay below this, so that one more never overflows; a record that
-/// claims one as high is not a record.
-pub(super) const MAX_SEQ: u64 = 1 << 62;
-
-/// The sled tree a journalled write goes to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum TreeId {
-    Chat = 0,
-    Contacts = 1,
-}
-
-/// One key set to one value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Write {
-    pub(super) tree: TreeId,
-    pub(super) key: Vec<u8>,
-    pub(super) value: Vec<u8>,
-}
-
-/// One store operation's writes, applied together.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) struct Record {
-    pub(super) seq: u64,
-    pub(super) writes: Vec<Write>,
-}
-
-/// Appends a record to `out`; on an error, `out` is left as it was.
-fn encode_record(epoch: u64, seq: u64, writes: &[Write], out: &mut Vec<u8>) -> Result<(), StoreError> {
-    let size = writes.iter().map(|w| 9 + w.key.len() + w.value.len()).sum::<usize>();
-    if size > MAX_BODY || writes.is_empty() {
-        return Err(StoreError::Corrupt("journal record too large or empty"));
-    }
-    let start = out.len();
-    out.reserve(RECORD_HEADER + size);
-    out.extend_from_slice(&[0; RECORD_HEADER]);
-    for w in writes {
-        out.push(w.tree as u8);
-        for part in [&w.key, &w.value] {
-            // Each part is at most MAX_BODY bytes, checked above.
-            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
-            out.extend_from_slice(part);
-        }
-    }
-    let crc = checksum(epoch, seq, &out[start + RECORD_HEADER..]);
-    let header = &mut out[start..start + RECORD_HEADER];
-    header[..4].copy_from_slice(&(size as u32).to_le_bytes());
-    header[4..8].copy_from_slice(&crc.to_le_bytes());
-    header[8..].copy_from_slice(&seq.to_le_bytes());
-    Ok(())
-}
-
-fn checksum(epoch: u64, seq: u64, body: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&epoch.to_le_bytes());
-    h.update(&seq.to_le_bytes());
-    h.update(body);
-    h.finalize()
-}
-
-/// A record's body, strictly: every byte belongs to a write, and there is at least one.
-fn decode_body(mut body: &[u8]) -> Option<Vec<Write>> {
-    fn part(body: &mut &[u8]) -> Option<Vec<u8>> {
-        let len = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
-        let bytes = body.get(4..4usize.checked_add(len)?)?.to_vec();
-        *body = &body[4 + len..];
-        Some(bytes)
-    }
-    let mut writes = Vec::new();
-    while let Some((&tree, rest)) = body.split_first() {
-        let tree = match tree {
-            0 => TreeId::Chat,
-            1 => TreeId::Contacts,
-            _ => return None,
-        };
-        body = rest;
-        let key = part(&mut body)?;
-        let value = part(&mut body)?;
-        writes.push(Write { tree, key, value });
-    }
-    (!writes.is_empty()).then_some(writes)
-}
-
-/// How a record header read back relates to the pass being read.
-enum Next {
-    /// A whole record, checksum sound, numbered next: `(seq, body_len)`.
-    Record(u64, usize),
-    /// The pass ends here.
-    End,
-}
-
-fn read_header(file: &File, at: u64, len: u64, after: Option<u64>) -> Result<Next, StoreError> {
-    if len.saturating_sub(at) < RECORD_HEADER as u64 {
-        return Ok(Next::End);
-    }
-    let mut header = [0u8; RECORD_HEADER];
-    file.read_exact_at(&mut header, at).map_err(StoreError::Io)?;
-    let body_len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let seq = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
-    let follows = seq < MAX_SEQ
-        && match after {
-            Some(prev) => seq == prev + 1,
-            None => seq != 0,
-        };
-    let fits = body_len <= MAX_BODY && (body_len as u64) <= len - at - RECORD_HEADER as u64;
-    Ok(if follows && fits { Next::Record(seq, body_len) } else { Next::End })
-}
-
-/// The records of a segment's current pass (see the module docs). A record whose
-/// checksum holds but whose body is not a list of writes was not cut short by a crash:
-/// that is an error.
-fn read_pass(file: &File) -> Result<Vec<Record>, StoreError> {
-    let len = file.metadata().map_err(StoreError::Io)?.len();
-    let mut epoch = [0u8; 8];
-    file.read_exact_at(&mut epoch, EPOCH_AT).map_err(StoreError::Io)?;
-    let epoch = u64::from_le_bytes(epoch);
-    let mut records = Vec::new();
-    let mut at = HEADER;
-    loop {
-        let after = records.last().map(|r: &Record| r.seq);
-        let Next::Record(seq, body_len) = read_header(file, at, len, after)? else { break };
-        let mut crc = [0u8; 4];
-        file.read_exact_at(&mut crc, at + 4).map_err(StoreError::Io)?;
-        let mut body = vec![0u8; body_len];
-        file.read_exact_at(&mut body, at + RECORD_HEADER as u64).map_err(StoreError::Io)?;
-        if checksum(epoch, seq, &body) != u32::from_le_bytes(crc) {
-            break;
-        }
-        let writes = decode_body(&body).ok_or(StoreError::Corrupt("journal record"))?;
-        records.push(Record { seq, writes });
-        at += (RECORD_HEADER + body_len) as u64;
-    }
-    Ok(records)
-}
-
-/// The records to replay, oldest first: the earlier pass, and the later one if it
-/// begins right after it (otherwise what lies past the gap was never synced, and is
-/// left out).
-fn join_passes(a: Vec<Record>, b: Vec<Record>) -> Vec<Record> {
-    let (mut earlier, later) = match (a.first(), b.first()) {
-        (Some(x), Some(y)) if y.seq < x.seq => (b, a),
-        (None, Some(_)) => (b, a),
-        _ => (a, b),
-    };
-    let joined = match (earlier.last(), later.first()) {
-        (Some(end), Some(next)) => end.seq.checked_add(1) == Some(next.seq),
-        (None, _) => true,
-        (_, None) => false,
-    };
-    if joined {
-        earlier.extend(later);
-    }
-    earlier
-}
 
 struct Segment {
     file: Arc<File>,
@@ -223,12 +67,6 @@ struct Segment {
     pending: Vec<u8>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Checkpoint {
-    Idle,
-    Running,
-}
-
 struct State {
     segments: [Segment; 2],
     /// This open's epoch, in both segments' headers since [`Journal::start`].
@@ -237,7 +75,8 @@ struct State {
     next_seq: u64,
     /// The other segment's records are all in sled on disk: it may be written over.
     other_free: bool,
-    checkpoint: Checkpoint,
+    /// A checkpoint of the other segment is running.
+    checkpointing: bool,
     /// A sync, or applying a record, failed: nothing more is taken, and no later sync
     /// is trusted (a failed sync may have dropped the data it was to write).
     failed: bool,
@@ -298,8 +137,7 @@ impl Journal {
         let a = passes.pop().expect("two passes");
         let records = join_passes(a, b);
         let segments: [Segment; 2] = segments.try_into().unwrap_or_else(|_| unreachable!("two segments"));
-        let state =
-            State { segments, epoch: 0, active: 0, next_seq: highest + 1, other_free: true, checkpoint: Checkpoint::Idle, failed: false };
+        let state = State { segments, epoch: 0, active: 0, next_seq: highest + 1, other_free: true, checkpointing: false, failed: false };
         let in_place = overwrites_in_place(dir);
         tracing::debug!(
             in_place,
@@ -389,7 +227,7 @@ impl Journal {
             } else {
                 // The checkpoint that frees the other is running, or failed and is tried
                 // again: this segment grows meanwhile.
-                checkpoint_due = st.checkpoint == Checkpoint::Idle;
+                checkpoint_due = !st.checkpointing;
             }
         }
         let active = st.active;
@@ -449,9 +287,9 @@ impl Journal {
     /// [`end_checkpoint`](Self::end_checkpoint) must follow.
     pub(super) fn begin_checkpoint(&self) -> bool {
         let mut st = self.state();
-        let due = !st.other_free && st.checkpoint == Checkpoint::Idle && !st.failed;
+        let due = !st.other_free && !st.checkpointing && !st.failed;
         if due {
-            st.checkpoint = Checkpoint::Running;
+            st.checkpointing = true;
         }
         due
     }
@@ -462,7 +300,7 @@ impl Journal {
     /// and free a segment whose records sled never got to disk.
     pub(super) fn end_checkpoint(&self, succeeded: bool) {
         let mut st = self.state();
-        st.checkpoint = Checkpoint::Idle;
+        st.checkpointing = false;
         st.other_free |= succeeded;
         st.failed |= !succeeded;
     }
@@ -486,8 +324,8 @@ impl Journal {
 /// under a temporary name, synced, renamed into place, and the directory synced.
 fn open_segment(dir: &Path, i: usize) -> Result<File, StoreError> {
     let path = dir.join(format!("journal-{i}"));
-    let file = match OpenOptions::new().read(true).write(true).open(&path) {
-        Ok(file) => file,
+    let (file, made) = match OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(file) => (file, false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let fresh = dir.join(format!("journal-{i}.new"));
             // It holds message bodies, like the history: private, whatever the umask.
@@ -499,7 +337,7 @@ fn open_segment(dir: &Path, i: usize) -> Result<File, StoreError> {
             file.sync_all().map_err(StoreError::Io)?;
             std::fs::rename(&fresh, &path).map_err(StoreError::Io)?;
             sync_dir(dir).map_err(StoreError::Io)?;
-            file
+            (file, true)
         }
         Err(e) => return Err(StoreError::Io(e)),
     };
@@ -507,176 +345,13 @@ fn open_segment(dir: &Path, i: usize) -> Result<File, StoreError> {
     if file.read_exact_at(&mut magic, 0).is_err() || &magic != MAGIC {
         return Err(StoreError::Corrupt("journal segment header"));
     }
-    // Whatever an earlier process wrote and did not sync is made durable before the file
-    // is taken as allocated and on disk up to its length.
-    file.sync_all().map_err(StoreError::Io)?;
+    // A segment is made synced at its full size. One that grew past it may hold bytes an
+    // earlier process wrote and did not sync: they are made durable before the file is
+    // taken as allocated and on disk up to its length.
+    if !made && file.metadata().map_err(StoreError::Io)?.len() > SEGMENT_BYTES {
+        file.sync_all().map_err(StoreError::Io)?;
+    }
     Ok(file)
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Waits until the bytes `[from, to)` are written back to the device.
-fn sync_range(file: &File, from: u64, to: u64) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::io::AsRawFd;
-        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        let (offset, len) = (i64::try_from(from).unwrap_or(i64::MAX), i64::try_from(to - from).unwrap_or(i64::MAX));
-        // SAFETY: a plain system call on a descriptor this `File` owns and keeps open.
-        if unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOSYS) {
-            return Err(e);
-        }
-    }
-    let _ = (from, to);
-    file.sync_data()
-}
-
-/// Whether the file system under `dir` writes over allocated blocks in place, so that
-/// writing bytes back is all it takes to make an overwrite durable: ext2/3/4 (unless
-/// mounted `data=journal`, where data goes through the file system's journal first) and
-/// tmpfs. XFS and the copy-on-write file systems may need a log commit for an overwrite
-/// (a reflinked copy shares its blocks), so they get `fdatasync`.
-#[cfg(target_os = "linux")]
-#[allow(clippy::unnecessary_cast)]
-fn overwrites_in_place(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    const EXT: i64 = 0xEF53;
-    const TMPFS: i64 = 0x0102_1994;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
-    // SAFETY: `statfs` fills the zeroed struct it is given; the path is NUL-terminated.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 {
-        return false;
-    }
-    match fs.f_type as i64 {
-        TMPFS => true,
-        EXT => {
-            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-            std::fs::canonicalize(dir)
-                .is_ok_and(|dir| mount_options(&mounts, &dir).is_some_and(|o| !o.split(',').any(|o| o == "data=journal")))
-        }
-        _ => false,
-    }
-}
-
-/// The file system options (the last field of `/proc/self/mountinfo`) of the mount
-/// `path` is on: the one with the longest mount point that holds it.
-#[cfg(target_os = "linux")]
-fn mount_options<'m>(mountinfo: &'m str, path: &Path) -> Option<&'m str> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let point = unescape_mount_point(line.split(' ').nth(4)?);
-            let (_, after) = line.split_once(" - ")?;
-            let options = after.split(' ').nth(2)?;
-            path.starts_with(&point).then_some((point.as_os_str().len(), options))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, options)| options)
-}
-
-/// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline and backslash
-/// as octal escapes.
-#[cfg(target_os = "linux")]
-fn unescape_mount_point(field: &str) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt;
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8).wrapping_add(c - b'0')));
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn overwrites_in_place(_: &Path) -> bool {
-    false
-}
-
-/// The history database's files: sled, and the journal in front of it.
-pub(super) struct Disk {
-    pub(super) db: sled::Db,
-    pub(super) journal: Journal,
-    dir: PathBuf,
-    /// sled's other files (its blob files, `conf`, snapshots), by path and length, as
-    /// they were when last synced.
-    synced: Mutex<HashSet<(PathBuf, u64)>>,
-}
-
-impl Disk {
-    pub(super) fn new(db: sled::Db, journal: Journal, dir: &Path) -> Self {
-        Self { db, journal, dir: dir.to_path_buf(), synced: Mutex::new(HashSet::new()) }
-    }
-
-    /// Makes every record appended so far durable ([`Journal::sync`]).
-    pub(super) fn sync(&self) -> Result<(), StoreError> {
-        self.journal.sync()
-    }
-
-    /// Puts everything applied to sled so far on disk, sled's way and then all the way:
-    /// sled's flush writes its log out, but does not sync the file's size or make the
-    /// device write back its cache, and never syncs the files it writes beside its log
-    /// (a value or a node too large for the log goes to a blob file of its own). Here
-    /// the log is synced, and every other file of sled's that is new or has changed
-    /// length since the last checkpoint, and the directories.
-    pub(super) fn checkpoint(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        File::open(self.dir.join("db")).and_then(|f| f.sync_all()).map_err(StoreError::Io)?;
-        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-        let mut now = HashSet::new();
-        for dir in [self.dir.clone(), self.dir.join("blobs")] {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(StoreError::Io(e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(StoreError::Io)?;
-                let name = entry.file_name();
-                // The log is synced above; the journal's segments are the journal's.
-                if name == "db" || name.to_string_lossy().starts_with("journal-") {
-                    continue;
-                }
-                let path = entry.path();
-                // A file sled removed meanwhile is no longer needed.
-                let len = match std::fs::metadata(&path) {
-                    Ok(meta) if meta.is_file() => meta.len(),
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(StoreError::Io(e)),
-                };
-                let key = (path, len);
-                if !synced.contains(&key) {
-                    match File::open(&key.0).and_then(|f| f.sync_all()) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(StoreError::Io(e)),
-                    }
-                }
-                now.insert(key);
-            }
-            sync_dir(&dir).map_err(StoreError::Io)?;
-        }
-        *synced = now;
-        Ok(())
-    }
 }
 
 /// Records as written in a segment, for tests that put a crash's leavings there.
@@ -705,341 +380,5 @@ pub(super) mod testing {
     /// Writes `bytes` where segment `i`'s records begin.
     pub(in crate::store) fn put_records(dir: &Path, i: usize, bytes: &[u8]) {
         OpenOptions::new().write(true).open(dir.join(format!("journal-{i}"))).unwrap().write_all_at(bytes, HEADER).unwrap();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(tree: TreeId, key: &[u8], value: &[u8]) -> Write {
-        Write { tree, key: key.to_vec(), value: value.to_vec() }
-    }
-
-    fn writes(n: u8) -> Vec<Write> {
-        vec![write(TreeId::Chat, &[b'm', n], &[n; 40]), write(TreeId::Contacts, b"bob", &[])]
-    }
-
-    fn reopen(dir: &Path) -> Recovered {
-        Journal::open(dir).unwrap()
-    }
-
-    /// A journal in a new directory, begun at record 1.
-    fn started() -> (tempfile::TempDir, Recovered) {
-        let dir = tempfile::tempdir().unwrap();
-        let r = reopen(dir.path());
-        r.journal.start(1).unwrap();
-        (dir, r)
-    }
-
-    fn seqs(records: &[Record]) -> Vec<u64> {
-        records.iter().map(|r| r.seq).collect()
-    }
-
-    #[test]
-    fn a_record_encodes_as_documented() {
-        let mut out = Vec::new();
-        encode_record(7, 0x0102, &[write(TreeId::Contacts, b"k", b"vv")], &mut out).unwrap();
-        let body = [1, 1, 0, 0, 0, b'k', 2, 0, 0, 0, b'v', b'v'];
-        let crc = checksum(7, 0x0102, &body);
-        assert_ne!(crc, checksum(8, 0x0102, &body), "the epoch is checksummed");
-        let mut h = crc32fast::Hasher::new();
-        h.update(&[7, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0]);
-        h.update(&body);
-        assert_eq!(crc, h.finalize(), "crc32 of epoch ‖ seq ‖ body");
-        let mut expected = vec![12, 0, 0, 0];
-        expected.extend_from_slice(&crc.to_le_bytes());
-        expected.extend_from_slice(&[2, 1, 0, 0, 0, 0, 0, 0]);
-        expected.extend_from_slice(&body);
-        assert_eq!(out, expected);
-        assert_eq!(decode_body(&body), Some(vec![write(TreeId::Contacts, b"k", b"vv")]));
-        // Strict: an unknown tree, a short part, trailing bytes or no write at all.
-        for bad in [&[2u8, 0, 0, 0, 0, 0, 0, 0, 0][..], &body[..11], &[&body[..], &[0][..]].concat(), &[]] {
-            assert_eq!(decode_body(bad), None, "{bad:?}");
-        }
-        let before = out.clone();
-        assert!(encode_record(7, 1, &[], &mut out).is_err(), "an empty record is refused");
-        assert_eq!(out, before, "and nothing is left of it");
-    }
-
-    #[test]
-    fn records_come_back_in_order_after_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = reopen(dir.path());
-        assert!(r.records.is_empty() && r.highest == 0);
-        r.journal.start(1).unwrap();
-        for n in 1..=5 {
-            assert_eq!(r.journal.append(&writes(n)).unwrap().seq, u64::from(n));
-            if n == 3 {
-                r.journal.sync().unwrap();
-            }
-        }
-        // Appended records reach the file with the next sync, not before.
-        assert_eq!(seqs(&Journal::open(dir.path()).unwrap().records), [1, 2, 3]);
-        r.journal.sync().unwrap();
-        drop(r);
-        let again = reopen(dir.path());
-        assert_eq!(seqs(&again.records), [1, 2, 3, 4, 5]);
-        assert_eq!(again.records[2].writes, writes(3));
-        assert_eq!(again.highest, 5);
-        // Starting again, with the numbers after them, leaves nothing to read back.
-        again.journal.start(6).unwrap();
-        assert!(reopen(dir.path()).records.is_empty());
-        assert_eq!(again.journal.append(&writes(9)).unwrap().seq, 6);
-        again.journal.sync().unwrap();
-        drop(again);
-        let third = reopen(dir.path());
-        assert_eq!(seqs(&third.records), [6]);
-    }
-
-    #[test]
-    fn a_record_cut_short_or_damaged_ends_the_pass() {
-        let (dir, r) = started();
-        for n in 1..=4 {
-            r.journal.append(&writes(n)).unwrap();
-        }
-        r.journal.sync().unwrap();
-        drop(r);
-        let path = dir.path().join("journal-0");
-        let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        let mut header = [0u8; 4];
-        file.read_exact_at(&mut header, HEADER).unwrap();
-        let record = RECORD_HEADER as u64 + u64::from(u32::from_le_bytes(header));
-        // A flipped byte in the third record's body: the first two come back.
-        let third = HEADER + 2 * record;
-        let mut byte = [0u8];
-        file.read_exact_at(&mut byte, third + RECORD_HEADER as u64 + 3).unwrap();
-        file.write_all_at(&[byte[0] ^ 1], third + RECORD_HEADER as u64 + 3).unwrap();
-        assert_eq!(seqs(&reopen(dir.path()).records), [1, 2]);
-        // A body length past the end of the file: nothing is allocated for it.
-        file.write_all_at(&u32::MAX.to_le_bytes(), HEADER + record).unwrap();
-        assert_eq!(seqs(&reopen(dir.path()).records), [1]);
-        // A header of zeros: nothing.
-        file.write_all_at(&[0; RECORD_HEADER], HEADER).unwrap();
-        assert!(reopen(dir.path()).records.is_empty());
-    }
-
-    #[test]
-    fn a_sound_checksum_over_a_body_that_is_not_writes_is_an_error() {
-        let (dir, r) = started();
-        r.journal.append(&writes(1)).unwrap();
-        r.journal.sync().unwrap();
-        drop(r);
-        let file = OpenOptions::new().read(true).write(true).open(dir.path().join("journal-0")).unwrap();
-        let body = [9u8, 0, 0];
-        let mut record = vec![3, 0, 0, 0];
-        record.extend_from_slice(&checksum(testing::epoch(dir.path(), 0), 1, &body).to_le_bytes());
-        record.extend_from_slice(&1u64.to_le_bytes());
-        record.extend_from_slice(&body);
-        file.write_all_at(&record, HEADER).unwrap();
-        assert!(matches!(Journal::open(dir.path()), Err(StoreError::Corrupt("journal record"))));
-    }
-
-    #[test]
-    fn the_mount_a_path_is_on_is_the_longest_that_holds_it() {
-        let mounts = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro\n\
-                      30 22 8:2 / /home rw shared:2 - ext4 /dev/sda2 rw,data=journal\n\
-                      31 22 0:5 / /home/a\\040b rw shared:3 - tmpfs tmpfs rw,size=10k\n";
-        assert_eq!(mount_options(mounts, Path::new("/var/lib")), Some("rw,errors=remount-ro"));
-        assert_eq!(mount_options(mounts, Path::new("/home/alice/.local")), Some("rw,data=journal"));
-        assert_eq!(mount_options(mounts, Path::new("/home/a b/x")), Some("rw,size=10k"));
-        assert_eq!(mount_options(mounts, Path::new("/homework")), Some("rw,errors=remount-ro"), "a prefix of the name is not the mount");
-        assert_eq!(unescape_mount_point("/a\\040b\\134c\\09"), PathBuf::from("/a b\\c\\09"));
-    }
-
-    #[test]
-    fn segments_are_made_private_whatever_the_umask() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        drop(reopen(dir.path()));
-        for i in 0..2 {
-            let meta = std::fs::metadata(dir.path().join(format!("journal-{i}"))).unwrap();
-            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-            assert_eq!(meta.len(), SEGMENT_BYTES, "made at full size");
-        }
-        assert!(!dir.path().join("journal-0.new").exists());
-    }
-
-    #[test]
-    fn a_segment_that_is_not_a_journal_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(reopen(dir.path()));
-        std::fs::write(dir.path().join("journal-1"), b"something else").unwrap();
-        assert!(matches!(Journal::open(dir.path()), Err(StoreError::Corrupt("journal segment header"))));
-    }
-
-    /// Fills the active segment until the next record goes to the other one.
-    fn fill_until_switch(j: &Journal, from: u8) -> u8 {
-        let big = vec![write(TreeId::Chat, b"k", &vec![7; 64 * 1024])];
-        let mut n = from;
-        loop {
-            n = n.wrapping_add(1);
-            if j.append(&big).unwrap().checkpoint_due {
-                return n;
-            }
-        }
-    }
-
-    #[test]
-    fn a_full_segment_hands_over_to_the_other_and_passes_join_across_it() {
-        let (dir, r) = started();
-        let j = &r.journal;
-        fill_until_switch(j, 0);
-        let first_in_other = j.state().next_seq - 1;
-        assert_eq!(j.state().active, 1);
-        j.append(&writes(1)).unwrap();
-        j.sync().unwrap();
-        // The first segment is not free until its checkpoint: filling the second one
-        // grows it instead of writing over the first, and asks for the checkpoint again.
-        let last = fill_until_switch(j, 1);
-        assert_eq!(j.state().active, 1, "no switch while the other is not free");
-        assert!(last > 0);
-        let highest = j.state().next_seq - 1;
-        j.sync().unwrap();
-        drop(r);
-        let again = reopen(dir.path());
-        let got = seqs(&again.records);
-        assert_eq!(got, (1..=highest).collect::<Vec<_>>(), "both passes, joined");
-        assert_eq!(again.highest, highest);
-        assert!(first_in_other > 1);
-    }
-
-    #[test]
-    fn a_checkpoint_frees_the_other_segment_for_the_next_switch() {
-        let (dir, r) = started();
-        let j = &r.journal;
-        assert!(!j.begin_checkpoint(), "nothing to checkpoint while the other is free");
-        fill_until_switch(j, 0);
-        assert!(j.begin_checkpoint());
-        assert!(!j.begin_checkpoint(), "one at a time");
-        j.end_checkpoint(true);
-        fill_until_switch(j, 0);
-        assert_eq!(j.state().active, 0, "back to the first segment, from its start");
-        let first = j.state().next_seq - 1;
-        j.sync().unwrap();
-        drop(r);
-        // The first segment's new pass begins after the second's: both are read, joined.
-        let again = reopen(dir.path());
-        assert_eq!(*seqs(&again.records).last().unwrap(), first);
-        assert!(seqs(&again.records).windows(2).all(|w| w[1] == w[0] + 1));
-    }
-
-    #[test]
-    fn passes_with_a_gap_between_them_are_not_joined() {
-        let rec = |seq| Record { seq, writes: writes(1) };
-        assert_eq!(seqs(&join_passes(vec![rec(5), rec(6)], vec![rec(7)])), [5, 6, 7]);
-        assert_eq!(seqs(&join_passes(vec![rec(7)], vec![rec(5), rec(6)])), [5, 6, 7]);
-        assert_eq!(seqs(&join_passes(vec![rec(5)], vec![rec(7)])), [5]);
-        assert_eq!(seqs(&join_passes(vec![], vec![rec(7)])), [7]);
-        assert_eq!(seqs(&join_passes(vec![rec(3)], vec![])), [3]);
-    }
-
-    #[test]
-    fn a_failed_checkpoint_is_final() {
-        let (_dir, r) = started();
-        let j = &r.journal;
-        fill_until_switch(j, 0);
-        assert!(j.begin_checkpoint());
-        j.end_checkpoint(false);
-        assert!(!j.begin_checkpoint(), "not tried again");
-        assert!(matches!(j.append(&writes(1)), Err(StoreError::NotDurable)));
-        assert!(matches!(j.sync(), Err(StoreError::NotDurable)));
-    }
-
-    #[test]
-    fn records_of_an_earlier_epoch_are_not_read_back() {
-        let (dir, r) = started();
-        let old = testing::epoch(dir.path(), 0);
-        assert_eq!(old, testing::epoch(dir.path(), 1), "one epoch for both segments");
-        r.journal.append(&writes(1)).unwrap();
-        r.journal.sync().unwrap();
-        // Written under this epoch, number 2 follows: it is read.
-        testing::put_records(
-            dir.path(),
-            0,
-            &[testing::record(old, 1, &writes(1), true), testing::record(old, 2, &writes(2), true)].concat(),
-        );
-        assert_eq!(seqs(&reopen(dir.path()).records), [1, 2]);
-        // A new epoch (the next open): the same bytes are no records at all.
-        r.journal.start(3).unwrap();
-        assert_ne!(testing::epoch(dir.path(), 0), old);
-        testing::put_records(
-            dir.path(),
-            0,
-            &[testing::record(old, 3, &writes(1), true), testing::record(old, 4, &writes(2), true)].concat(),
-        );
-        assert!(reopen(dir.path()).records.is_empty());
-        // A number at the top of the range is not a record either.
-        let epoch = testing::epoch(dir.path(), 0);
-        testing::put_records(dir.path(), 0, &testing::record(epoch, MAX_SEQ, &writes(1), true));
-        assert!(reopen(dir.path()).records.is_empty());
-        assert!(r.journal.start(MAX_SEQ).is_err());
-    }
-
-    fn arbitrary_writes() -> impl proptest::strategy::Strategy<Value = Vec<Write>> {
-        use proptest::prelude::*;
-        let write = (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..40), proptest::collection::vec(any::<u8>(), 0..300))
-            .prop_map(|(chat, key, value)| Write { tree: if chat { TreeId::Chat } else { TreeId::Contacts }, key, value });
-        proptest::collection::vec(write, 1..6)
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
-
-        #[test]
-        fn records_round_trip(records in proptest::collection::vec(arbitrary_writes(), 1..12)) {
-            let (dir, r) = started();
-            for writes in &records {
-                r.journal.append(writes).unwrap();
-            }
-            r.journal.sync().unwrap();
-            let back = reopen(dir.path()).records;
-            proptest::prop_assert_eq!(back.iter().map(|r| &r.writes).collect::<Vec<_>>(), records.iter().collect::<Vec<_>>());
-        }
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
-
-        /// Whatever a segment holds past its header, reading it back ends cleanly: no
-        /// panic, records numbered one after another, and an error only for a record
-        /// whose checksum holds over a body that is not writes. Sound records are mixed
-        /// in so that the reading gets past the first one.
-        #[test]
-        fn any_segment_bytes_read_back_cleanly(
-            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
-            sound in proptest::collection::vec(arbitrary_writes(), 0..3),
-            cut in 0usize..2000,
-        ) {
-            use std::sync::OnceLock;
-            static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-            let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
-            let path = dir.path().join("segment");
-            let mut bytes = MAGIC.to_vec();
-            bytes.extend_from_slice(&5u64.to_le_bytes());
-            for (i, writes) in sound.iter().enumerate() {
-                encode_record(5, i as u64 + 1, writes, &mut bytes).unwrap();
-            }
-            bytes.extend_from_slice(&junk);
-            bytes.truncate(HEADER as usize + cut.min(bytes.len() - HEADER as usize));
-            std::fs::write(&path, &bytes).unwrap();
-            match read_pass(&File::open(&path).unwrap()) {
-                Ok(records) => {
-                    proptest::prop_assert!(records.windows(2).all(|w| w[1].seq == w[0].seq + 1));
-                    proptest::prop_assert!(records.iter().all(|r| r.seq != 0 && r.seq < MAX_SEQ && !r.writes.is_empty()));
-                }
-                Err(e) => proptest::prop_assert!(matches!(e, StoreError::Corrupt("journal record")), "{e}"),
-            }
-        }
-    }
-
-    #[test]
-    fn a_failed_journal_takes_no_more_records() {
-        let (_dir, r) = started();
-        r.journal.append(&writes(1)).unwrap();
-        r.journal.fail();
-        assert!(matches!(r.journal.append(&writes(2)), Err(StoreError::NotDurable)));
-        assert!(matches!(r.journal.sync(), Err(StoreError::NotDurable)));
-        assert!(!r.journal.begin_checkpoint());
     }
 }
