@@ -23,7 +23,7 @@ use serde_json::json;
 use sotto::clock::{unix_now_ms, unix_now_ns};
 use sotto::keys::Identity;
 use sotto::peer::session::{Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
-use sotto::quic::{read_frame, write_frame, FrameReader};
+use sotto::quic::{self, read_frame, write_frame, FrameReader};
 use sotto::rendezvous::client::RendezvousClient;
 use sotto::store::{Direction, SledStore, State, Store, StoredMessage};
 use sotto::tls::{self, CertKey};
@@ -67,7 +67,8 @@ fn main() {
     }
 }
 
-/// A raw QUIC server with sotto's TLS settings; `serve` runs per connection.
+/// A raw QUIC server with sotto's TLS and socket settings (as its peers' endpoints
+/// have); `serve` runs per connection.
 async fn raw_server<F, Fut>(serve: F) -> (quinn::Endpoint, SocketAddr, [u8; 32])
 where
     F: Fn(quinn::Connection) -> Fut + Send + Sync + 'static,
@@ -75,7 +76,7 @@ where
 {
     let cert = CertKey::generate("bench").unwrap();
     let config = tls::server_config(&cert, b"bench", 16).unwrap();
-    let endpoint = quinn::Endpoint::server(config, ([127, 0, 0, 1], 0).into()).unwrap();
+    let endpoint = quic::peer_endpoint(([127, 0, 0, 1], 0).into(), Some(config)).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let serving = endpoint.clone();
     tokio::spawn(async move {
@@ -94,7 +95,7 @@ where
 
 async fn raw_connect(addr: SocketAddr, pin: [u8; 32]) -> quinn::Connection {
     let (config, _) = tls::client_config(pin, b"bench").unwrap();
-    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    let mut endpoint = quic::peer_endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
     endpoint.set_default_client_config(config);
     endpoint.connect(addr, "bench").unwrap().await.unwrap()
 }
@@ -415,7 +416,7 @@ async fn first_message(w: &PeerWorld, scale: Scale) {
     })
     .await;
     let (config, _) = tls::client_config(pin, b"bench").unwrap();
-    let endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    let endpoint = quic::peer_endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
     let initiator_keys = snow::Builder::new(params.clone()).generate_keypair().unwrap();
     let node = RendezvousClient::connect(&w.server).await.unwrap();
     node.authenticate(&w.alice, &name("alice")).await.unwrap();

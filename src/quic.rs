@@ -1,12 +1,44 @@
 //! Frame I/O on QUIC streams, shared by the rendezvous and peer drivers: a 4-byte
-//! length, checked against the caller's cap before the body is allocated.
+//! length, checked against the caller's cap before the body is allocated. And the
+//! peer endpoint's UDP socket.
 
+use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::wire::{frame_len, HEADER_LEN};
 
 /// Time a peer has to take one frame off our hands.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Receive buffer asked of the kernel for a peer endpoint's socket. Linux counts each
+/// datagram at about 2.3 KB (its buffer, not only its 1,452 bytes of payload) and grants
+/// twice what is asked, so this holds about 1,800 datagrams: two of a session's whole
+/// stream windows (1.25 MB each). The default (208 KiB) holds about 90: a burst that
+/// arrives while both cores are busy sealing and opening overflows it, and every loss
+/// halves quinn's congestion window. The grant is capped by `net.core.rmem_max`; the
+/// memory is taken only while datagrams wait to be read.
+pub const PEER_RECV_BUFFER: usize = 2 * 1024 * 1024;
+
+/// A UDP socket for a peer endpoint, bound to `addr`, with a receive buffer of
+/// [`PEER_RECV_BUFFER`] or as much of it as the system allows.
+pub fn peer_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // A smaller buffer costs speed under load, not correctness: go on with it.
+    if let Err(e) = state.set_recv_buffer_size((&socket).into(), PEER_RECV_BUFFER) {
+        tracing::debug!(%e, "could not enlarge the peer socket's receive buffer");
+    }
+    tracing::debug!(granted = ?state.recv_buffer_size((&socket).into()), "peer socket receive buffer");
+    Ok(socket)
+}
+
+/// A quinn endpoint on a [`peer_socket`], accepting connections when given a server
+/// configuration.
+pub fn peer_endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, peer_socket(addr)?, runtime)
+}
 
 /// Reads one length-prefixed frame of at most `cap` bytes; `None` at a clean end.
 pub async fn read_frame(recv: &mut quinn::RecvStream, cap: usize) -> Result<Option<Vec<u8>>, String> {
@@ -161,6 +193,16 @@ mod tests {
 
     fn stream(bodies: &[&[u8]]) -> Vec<u8> {
         bodies.iter().flat_map(|b| encode_frame(b)).collect()
+    }
+
+    #[test]
+    fn a_peer_socket_gets_the_receive_buffer_asked_for_as_far_as_the_system_allows() {
+        let socket = peer_socket(([127, 0, 0, 1], 0).into()).unwrap();
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).unwrap();
+        let granted = state.recv_buffer_size((&socket).into()).unwrap();
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+        // Linux grants twice what is asked, after capping it at `rmem_max`.
+        assert_eq!(granted, 2 * PEER_RECV_BUFFER.min(max));
     }
 
     #[test]

@@ -297,7 +297,7 @@ impl Agent {
     pub fn start(identity: Arc<Identity>, store: Arc<dyn Store>, cert: &CertKey, config: AgentConfig) -> Result<Agent, AgentError> {
         let server = tls::server_config(cert, ALPN, 2)?;
         let endpoint =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| AgentError::Listen { addr: config.listen, source })?;
+            crate::quic::peer_endpoint(config.listen, Some(server)).map_err(|source| AgentError::Listen { addr: config.listen, source })?;
         let (events, _) = broadcast::channel(256);
         let inner = Arc::new(Inner {
             identity,
