@@ -22,7 +22,7 @@ use report::{cpu_time, merge, selected, spread, Better, Figure, Samples, Scale};
 use serde_json::json;
 use sotto::clock::{unix_now_ms, unix_now_ns};
 use sotto::keys::Identity;
-use sotto::peer::session::{Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE};
+use sotto::peer::session::{Answer, Dial, PeerMessage, Transport, MAX_BODY, MAX_NOISE_MESSAGE, NOISE_PARAMS};
 use sotto::quic::{self, read_frame, write_frame, FrameReader};
 use sotto::rendezvous::client::RendezvousClient;
 use sotto::store::{Direction, SledStore, State, Store, StoredMessage};
@@ -396,7 +396,7 @@ async fn first_message(w: &PeerWorld, scale: Scale) {
     let rounds = scale.pick(60, 3);
     let bob = name("bob");
     // The raw side: a QUIC server that answers one Noise IK handshake per connection.
-    let params: snow::params::NoiseParams = "Noise_IK_25519_ChaChaPoly_BLAKE2s".parse().unwrap();
+    let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
     let responder_keys = snow::Builder::new(params.clone()).generate_keypair().unwrap();
     let responder_private = responder_keys.private.clone();
     let p = params.clone();

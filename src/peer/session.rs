@@ -27,7 +27,7 @@ use crate::username::Username;
 use crate::wire::{Message, HEADER_LEN};
 
 pub const ALPN: &[u8] = b"sotto-peer/1";
-pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+pub const NOISE_PARAMS: &str = "Noise_IK_25519_AESGCM_BLAKE2s";
 pub const PROLOGUE_DOMAIN: &[u8] = b"sotto/peer/v1";
 pub const PREAMBLE_VERSION: u8 = 1;
 /// Largest Noise message (the spec's limit).
@@ -264,13 +264,13 @@ impl Answer {
 }
 
 /// An established session: one Noise CipherState (§5.1) for each direction, with
-/// ChaChaPoly (§12.3), sealing and opening in place.
+/// AESGCM (§12.4: AES-256-GCM), sealing and opening in place.
 ///
 /// snow carries the handshake; its `TransportState` takes separate input and output
 /// buffers, so each message would be copied into a zeroed buffer before it is sealed and
 /// copied out again before it is opened. These cipher states start from the keys of
 /// the handshake's Split() and follow the spec's rules: the nonce is 32 zero bits then
-/// the 64-bit counter `n`, little-endian; `n` advances only on success and never reaches
+/// the 64-bit counter `n`, big-endian; `n` advances only on success and never reaches
 /// 2^64 − 1, which is reserved; a rekey (§4.2, every [`REKEY_INTERVAL`] messages as
 /// §11.3 suggests) replaces the key with the first 32 bytes of ENCRYPT(k, 2^64 − 1, "",
 /// 32 zero bytes) and leaves `n` as it is. Tests hold them to snow's own transport
@@ -410,13 +410,13 @@ impl CipherState {
     }
 
     fn key(key: &[u8; 32]) -> aead::LessSafeKey {
-        aead::LessSafeKey::new(aead::UnboundKey::new(&aead::CHACHA20_POLY1305, key).expect("a 32-byte ChaCha20-Poly1305 key"))
+        aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, key).expect("a 32-byte AES-256-GCM key"))
     }
 
-    /// ChaChaPoly's nonce for counter `n`: 32 zero bits, then `n` little-endian.
+    /// AESGCM's nonce for counter `n`: 32 zero bits, then `n` big-endian.
     fn nonce(n: u64) -> aead::Nonce {
         let mut nonce = [0u8; aead::NONCE_LEN];
-        nonce[4..].copy_from_slice(&n.to_le_bytes());
+        nonce[4..].copy_from_slice(&n.to_be_bytes());
         aead::Nonce::assume_unique_for_key(nonce)
     }
 
@@ -644,6 +644,67 @@ mod tests {
             if self.to_us % REKEY_INTERVAL == 0 {
                 self.theirs.rekey_outgoing();
             }
+        }
+    }
+
+    /// The `Noise_IK_25519_AESGCM_BLAKE2s` vector of cacophony, the Noise reference
+    /// implementation (its published test vectors): snow runs the handshake from the
+    /// vector's fixed keys, and our transport must produce and open the vector's
+    /// transport messages byte for byte. This ties the cipher, the nonce's layout and
+    /// the Split() order to an implementation other than snow.
+    #[test]
+    fn the_transport_reproduces_the_reference_vector() {
+        let hex = |s: &str| hex::decode(s).unwrap();
+        assert_eq!(NOISE_PARAMS, "Noise_IK_25519_AESGCM_BLAKE2s", "the vector below is for this protocol");
+        let prologue = hex("4a6f686e2047616c74");
+        let (init_static, init_ephemeral) = (
+            hex("e61ef9919cde45dd5f82166404bd08e38bceb5dfdfded0a34c8df7ed542214d1"),
+            hex("893e28b9dc6ca8d611ab664754b8ceb7bac5117349a4439a6b0569da977c464a"),
+        );
+        let (resp_static, resp_ephemeral) = (
+            hex("4a3acbfdb163dec651dfa3194dece676d437029c62a408b4c5ea9114246e4893"),
+            hex("bbdb4cdbd309f1a1f2e1456967fe288cadd6f712d65dc7b7793d5e63da6b375b"),
+        );
+        let resp_public = hex("31e0303fd6418d2f8c0e78b91f22e8caed0fbe48656dcf4767e4834f701b8f62");
+        // (payload, ciphertext): the two handshake messages, then transport messages,
+        // dialer and callee taking turns.
+        let messages = [
+            ("4c756477696720766f6e204d69736573", "ca35def5ae56cec33dc2036731ab14896bc4c75dbb07a61f879f8e3afa4c7944fc16af5edc066c93c77be147f8e6785cd6bd7b27e0f660d02a6a566ceb61b22af4d0dcc8560bce79b2a1fb55f68bc34017319936516ae9ce0862fe172c77a883f241700cb26d145dc8f8c9fe80a29008"),
+            ("4d757272617920526f746862617264", "95ebc60d2b1fa672c1f46a8aa265ef51bfe38e7ccb39ec5be34069f14480884319679a2f2fae0ee3700b9d1f532eb77fcf485567e810eaf95b2f9eeca858fe"),
+            ("462e20412e20486179656b", "daf849a4f4bd8b0276f120b017b9dfdbc9ed667ee98316e95de1cc"),
+            ("4361726c204d656e676572", "cdf2321b9584498d0ce313cb0c995c3ee2d679c1f3c22576ff1e90"),
+            ("4a65616e2d426170746973746520536179", "abc41aa7b17f5d7c5b8454c203668718a15020b72729f1243490ab54150338293a"),
+            ("457567656e2042f6686d20766f6e2042617765726b", "59bafe529215e376187e06fcfb6772d6ca7f0946877e77aafb4a90a5fc6c4cf82344d5c949"),
+        ];
+        let mut dialer = snow::Builder::new(params())
+            .prologue(&prologue)
+            .and_then(|b| b.local_private_key(&init_static))
+            .and_then(|b| b.remote_public_key(&resp_public))
+            .unwrap()
+            .fixed_ephemeral_key_for_testing_only(&init_ephemeral)
+            .build_initiator()
+            .unwrap();
+        let mut callee = snow::Builder::new(params())
+            .prologue(&prologue)
+            .and_then(|b| b.local_private_key(&resp_static))
+            .unwrap()
+            .fixed_ephemeral_key_for_testing_only(&resp_ephemeral)
+            .build_responder()
+            .unwrap();
+        let (mut buf, mut payload) = ([0u8; MAX_HANDSHAKE_MESSAGE], [0u8; MAX_HANDSHAKE_MESSAGE]);
+        for (i, (plain, cipher)) in messages[..2].iter().enumerate() {
+            let (from, to) = if i == 0 { (&mut dialer, &mut callee) } else { (&mut callee, &mut dialer) };
+            let n = from.write_message(&hex(plain), &mut buf).unwrap();
+            assert_eq!(hex::encode(&buf[..n]), *cipher, "handshake message {i}");
+            assert_eq!(to.read_message(&buf[..n], &mut payload).unwrap(), hex(plain).len());
+        }
+        let (mut dialer, mut callee) = (Transport::new(dialer).unwrap(), Transport::new(callee).unwrap());
+        for (i, (plain, cipher)) in messages[2..].iter().enumerate() {
+            let (from, to) = if i % 2 == 0 { (&mut dialer, &mut callee) } else { (&mut callee, &mut dialer) };
+            let mut frame = Vec::new();
+            from.seal_frame(&hex(plain), &mut frame).unwrap();
+            assert_eq!(hex::encode(&frame[HEADER_LEN..]), *cipher, "transport message {i}");
+            assert_eq!(to.recv.open(&mut frame[HEADER_LEN..]).unwrap(), hex(plain), "transport message {i}");
         }
     }
 
