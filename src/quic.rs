@@ -13,23 +13,31 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Receive buffer asked of the kernel for a peer endpoint's socket. Linux counts each
 /// datagram at about 2.3 KB (its buffer, not only its 1,452 bytes of payload) and grants
-/// twice what is asked, so this holds about 1,800 datagrams: two of a session's whole
-/// stream windows (1.25 MB each). The default (208 KiB) holds about 90: a burst that
-/// arrives while both cores are busy sealing and opening overflows it, and every loss
-/// halves quinn's congestion window. The grant is capped by `net.core.rmem_max`; the
-/// memory is taken only while datagrams wait to be read.
+/// twice what is asked, up to twice `net.core.rmem_max`. Where that allows it (4 MiB on
+/// the machine PERFORMANCE.md measures) the buffer holds about 1,800 datagrams: two of
+/// a session's whole stream windows (1.25 MB each). Linux's stock `rmem_max` (208 KiB)
+/// allows about 180, and its default buffer holds about 90: a burst that arrives while
+/// both cores are busy overflows it, and every loss halves quinn's congestion window.
+/// The memory is taken only while datagrams wait to be read.
 pub const PEER_RECV_BUFFER: usize = 2 * 1024 * 1024;
 
 /// A UDP socket for a peer endpoint, bound to `addr`, with a receive buffer of
 /// [`PEER_RECV_BUFFER`] or as much of it as the system allows.
 pub fn peer_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = std::net::UdpSocket::bind(addr)?;
-    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    let options = socket2::SockRef::from(&socket);
     // A smaller buffer costs speed under load, not correctness: go on with it.
-    if let Err(e) = state.set_recv_buffer_size((&socket).into(), PEER_RECV_BUFFER) {
-        tracing::debug!(%e, "could not enlarge the peer socket's receive buffer");
+    if let Err(e) = options.set_recv_buffer_size(PEER_RECV_BUFFER) {
+        tracing::info!(%e, "could not enlarge the peer socket's receive buffer");
     }
-    tracing::debug!(granted = ?state.recv_buffer_size((&socket).into()), "peer socket receive buffer");
+    match options.recv_buffer_size() {
+        Ok(granted) if granted < PEER_RECV_BUFFER => tracing::info!(
+            granted,
+            "the peer socket's receive buffer is smaller than the {PEER_RECV_BUFFER} bytes asked for; fast transfers \
+             may lose datagrams (on Linux, raise net.core.rmem_max)"
+        ),
+        granted => tracing::debug!(?granted, "peer socket receive buffer"),
+    }
     Ok(socket)
 }
 
@@ -195,11 +203,11 @@ mod tests {
         bodies.iter().flat_map(|b| encode_frame(b)).collect()
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_peer_socket_gets_the_receive_buffer_asked_for_as_far_as_the_system_allows() {
         let socket = peer_socket(([127, 0, 0, 1], 0).into()).unwrap();
-        let state = quinn::udp::UdpSocketState::new((&socket).into()).unwrap();
-        let granted = state.recv_buffer_size((&socket).into()).unwrap();
+        let granted = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
         let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
         // Linux grants twice what is asked, after capping it at `rmem_max`.
         assert_eq!(granted, 2 * PEER_RECV_BUFFER.min(max));
