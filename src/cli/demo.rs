@@ -166,7 +166,7 @@ pub async fn run() -> Result<()> {
         &hex::encode(record.cert_sha256)[..16]
     );
 
-    step(6, "alice → bob, directly: QUIC pinned to bob's certificate, then Noise_IK_25519_AESGCM_BLAKE2s");
+    step(6, &format!("alice → bob, directly: QUIC pinned to bob's certificate, then {}", sotto::peer::session::NOISE_PARAMS));
     let sent = alice.agent.send(&bob.name, "Hi bob! Only you can read this.").await?;
     println!("    alice sent {:?}: {}", sent.body, sent.state.as_str());
     expect_received(&mut bob.events, "bob").await?;
