@@ -16,9 +16,10 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// twice what is asked, up to twice `net.core.rmem_max`. Where that allows it (4 MiB on
 /// the machine PERFORMANCE.md measures) the buffer holds about 1,800 datagrams: two of
 /// a session's whole stream windows (1.25 MB each). Linux's stock `rmem_max` (208 KiB)
-/// allows about 180, and its default buffer holds about 90: a burst that arrives while
-/// both cores are busy overflows it, and every loss halves quinn's congestion window.
-/// The memory is taken only while datagrams wait to be read.
+/// allows about 180 (a process with CAP_NET_ADMIN is given the whole buffer past it),
+/// and its default buffer holds about 90: a burst that arrives while both cores are
+/// busy overflows it, and every loss halves quinn's congestion window. The memory is
+/// taken only while datagrams wait to be read.
 pub const PEER_RECV_BUFFER: usize = 2 * 1024 * 1024;
 
 /// A UDP socket for a peer endpoint, bound to `addr`, with a receive buffer of
@@ -30,6 +31,12 @@ pub fn peer_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     if let Err(e) = options.set_recv_buffer_size(PEER_RECV_BUFFER) {
         tracing::info!(%e, "could not enlarge the peer socket's receive buffer");
     }
+    #[cfg(target_os = "linux")]
+    if options.recv_buffer_size().is_ok_and(|granted| granted < PEER_RECV_BUFFER) {
+        // Past `rmem_max`, which only a process allowed to administer the network
+        // (CAP_NET_ADMIN) may do; refused for any other, and nothing changes.
+        let _ = force_recv_buffer(&socket, PEER_RECV_BUFFER);
+    }
     match options.recv_buffer_size() {
         Ok(granted) if granted < PEER_RECV_BUFFER => tracing::info!(
             granted,
@@ -39,6 +46,25 @@ pub fn peer_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
         granted => tracing::debug!(?granted, "peer socket receive buffer"),
     }
     Ok(socket)
+}
+
+/// Sets the socket's receive buffer with `SO_RCVBUFFORCE`: as `SO_RCVBUF`, but not
+/// capped by `net.core.rmem_max`; the kernel refuses it (EPERM) to a process without
+/// CAP_NET_ADMIN.
+#[cfg(target_os = "linux")]
+fn force_recv_buffer(socket: &std::net::UdpSocket, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("an int's size fits");
+    // SAFETY: the descriptor is the open socket `socket` borrows, and the option value
+    // points to an int of the length passed, which the call only reads.
+    let done =
+        unsafe { libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&value as *const libc::c_int).cast(), len) };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A quinn endpoint on a [`peer_socket`], accepting connections when given a server
@@ -204,13 +230,35 @@ mod tests {
     }
 
     #[cfg(target_os = "linux")]
+    fn rmem_max() -> usize {
+        std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_peer_socket_gets_the_receive_buffer_asked_for_as_far_as_the_system_allows() {
         let socket = peer_socket(([127, 0, 0, 1], 0).into()).unwrap();
         let granted = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
-        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
-        // Linux grants twice what is asked, after capping it at `rmem_max`.
-        assert_eq!(granted, 2 * PEER_RECV_BUFFER.min(max));
+        // Linux grants twice what is asked, after capping it at `rmem_max` (a process
+        // allowed to force it past the cap gets all of it).
+        let capped = 2 * PEER_RECV_BUFFER.min(rmem_max());
+        assert!(granted == capped || granted == 2 * PEER_RECV_BUFFER, "granted {granted}, capped at {capped}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn forcing_a_buffer_past_the_cap_takes_the_privilege_or_changes_nothing() {
+        let socket = std::net::UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+        let options = socket2::SockRef::from(&socket);
+        let before = options.recv_buffer_size().unwrap();
+        let past_the_cap = rmem_max() + 64 * 1024;
+        match force_recv_buffer(&socket, past_the_cap) {
+            Ok(()) => assert_eq!(options.recv_buffer_size().unwrap(), 2 * past_the_cap),
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+                assert_eq!(options.recv_buffer_size().unwrap(), before);
+            }
+        }
     }
 
     #[test]
